@@ -1,0 +1,312 @@
+"""Streaming reader for the official ERNIE-ViL 2.0 TSV format.
+
+One image-text pair a line, UTF-8, tab-separated:
+
+    text \\t image_id \\t base64(image bytes) [\\t object tags [\\t label]]
+
+The 4th (object tags: space- or comma-separated words, may be empty) and 5th (UniCL label)
+columns are optional and only used for training. The official reader takes the first field as
+text and the LAST field as the image; for the 3-column files it reads these are the same columns
+as here. With ``min_columns=2`` a 2-column ``text \\t base64`` file is accepted too (empty id).
+
+Differences from the official reader, on purpose:
+- the file is streamed line by line (the official one decodes the whole file before the first
+  batch), so memory does not grow with the file;
+- bad lines raise ``DataError("FILE:LINE: problem")`` instead of a traceback deep in numpy/cv2,
+  or are skipped and counted in a ``SkipReport`` when the caller asks for that;
+- only the line terminator is removed before splitting (the official ``line.strip()`` would also
+  eat an empty trailing tags column); each field is then stripped of surrounding whitespace,
+  which matches what the official strip does to the first and last field.
+
+Line numbers are 1-based and count every physical line (``\\n``-terminated), bad ones included,
+so they match what an editor or ``sed -n Np`` shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+UTF8_BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 20  # 1 MiB reads for count_lines
+
+
+@dataclass
+class Record:
+    """One parsed line. ``tags``/``label`` are None when the column is absent;
+    ``tags`` is "" when the column is present but empty."""
+
+    line_no: int
+    text: str
+    image_id: str
+    image_b64: str
+    tags: str | None = None
+    label: str | None = None
+
+
+class DataError(ValueError):
+    """A problem with one line of a data file; str() is ``FILE:LINE: what is wrong``."""
+
+    def __init__(self, path: str | os.PathLike, line_no: int, problem: str):
+        self.path = os.fspath(path)
+        self.line_no = line_no
+        self.problem = problem
+        super().__init__(f"{self.path}:{line_no}: {problem}")
+
+    def __reduce__(self):  # keep it picklable (custom __init__ signature)
+        return (type(self), (self.path, self.line_no, self.problem))
+
+
+@dataclass
+class SkipReport:
+    """Bad lines skipped while reading one file (for one rank). The caller logs ``summary()``."""
+
+    path: str = ""
+    entries: list[tuple[int, str]] = field(default_factory=list)  # (line_no, problem)
+
+    def add(self, error: DataError) -> None:
+        self.entries.append((error.line_no, error.problem))
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+    @property
+    def line_numbers(self) -> list[int]:
+        return sorted(n for n, _ in self.entries)
+
+    @property
+    def reasons(self) -> dict[int, str]:
+        return dict(sorted(self.entries))
+
+    def __bool__(self) -> bool:  # "if report:" means "something was skipped"
+        return bool(self.entries)
+
+    def summary(self, max_lines: int = 20) -> str:
+        if not self.entries:
+            return f"{self.path}: no bad lines skipped"
+        ordered = sorted(self.entries)
+        shown = ", ".join(str(n) for n, _ in ordered[:max_lines])
+        more = f" (+{len(ordered) - max_lines} more)" if len(ordered) > max_lines else ""
+        first_no, first_problem = ordered[0]
+        return (
+            f"{self.path}: skipped {len(ordered)} bad line(s): lines {shown}{more}; "
+            f"first: line {first_no}: {first_problem}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# base64
+
+
+def decode_b64(s: str | bytes) -> bytes:
+    """Decode the standard base64 alphabet strictly: any character outside it (including
+    embedded newlines or the URL-safe ``-_``) is an error, where the official reader's plain
+    ``b64decode`` would silently drop it and hand cv2 garbage.
+
+    Missing ``=`` padding is tolerated (some exporters strip it; the data is still unambiguous);
+    a length of 4k+1 cannot be valid base64 and is an error. Raises ValueError
+    (binascii.Error) with a short reason.
+    """
+    if isinstance(s, str):
+        try:
+            s = s.encode("ascii")
+        except UnicodeEncodeError as e:
+            raise binascii.Error(f"corrupt base64: non-ASCII character at offset {e.start}") from None
+    if not s:
+        raise binascii.Error("corrupt base64: empty")
+    missing = -len(s) % 4
+    if missing == 3:
+        raise binascii.Error(f"corrupt base64: impossible length {len(s)} (4k+1)")
+    try:
+        return base64.b64decode(s + b"=" * missing, validate=True)
+    except binascii.Error as e:
+        raise binascii.Error(f"corrupt base64: {e}") from None
+
+
+def record_image_bytes(path: str | os.PathLike, record: Record) -> bytes:
+    """The record's image bytes, or DataError naming the file and line."""
+    try:
+        return decode_b64(record.image_b64)
+    except ValueError as e:
+        raise DataError(path, record.line_no, str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# line level
+
+
+def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its terminator); BOM removed from line 1."""
+    for line_no, raw in enumerate(f, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if line_no == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]
+        yield line_no, raw
+
+
+def _is_blank(raw: bytes) -> bool:
+    return not raw or raw.isspace()  # isspace stops at the first non-space byte
+
+
+def _parse_line(path, line_no: int, raw: bytes, min_columns: int, max_columns: int) -> Record:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line_no, f"invalid UTF-8 at byte {e.start} of the line") from None
+    fields = [f.strip() for f in line.split("\t")]
+    n = len(fields)
+    if not min_columns <= n <= max_columns:
+        want = str(min_columns) if min_columns == max_columns else f"{min_columns} to {max_columns}"
+        raise DataError(
+            path, line_no,
+            f"expected {want} tab-separated columns (text, image_id, base64 image"
+            f"[, tags[, label]]), found {n}",
+        )
+    if n == 2:  # text \t base64 (only when the caller allows min_columns=2)
+        text, image_id, image_b64, rest = fields[0], "", fields[1], []
+    else:
+        text, image_id, image_b64, rest = fields[0], fields[1], fields[2], fields[3:]
+    if not text:
+        raise DataError(path, line_no, "empty text (column 1)")
+    if not image_b64:
+        raise DataError(path, line_no, f"empty image field (column {2 if n == 2 else 3})")
+    tags = rest[0] if len(rest) >= 1 else None
+    label = rest[1] if len(rest) >= 2 else None
+    if label == "":
+        raise DataError(path, line_no, "empty label (column 5)")
+    return Record(line_no, text, image_id, image_b64, tags, label)
+
+
+def _check_sharding(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+
+
+def line_belongs_to_rank(line_no: int, rank: int, world_size: int) -> bool:
+    """Round-robin sharding on physical line numbers: line i goes to rank (i-1) % world_size."""
+    return (line_no - 1) % world_size == rank
+
+
+def iter_records(
+    path: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_bad_lines: bool = False,
+    report: SkipReport | None = None,
+    min_columns: int = 3,
+    max_columns: int = 5,
+) -> Iterator[Record]:
+    """Stream this rank's records from a TSV file, in file order.
+
+    Only lines owned by this rank are decoded and checked, so each bad line is reported by
+    exactly one rank. Empty (or whitespace-only) lines at the end of the file are ignored; an
+    empty line followed by more data is a bad line. With ``skip_bad_lines`` a bad line is
+    recorded in ``report`` (if given) and skipped; otherwise DataError is raised.
+    The image's base64 is NOT decoded here (see ``record_image_bytes``) so that the costly
+    decoding can run in parallel workers.
+    """
+    _check_sharding(rank, world_size)
+    if not 2 <= min_columns <= max_columns <= 5:
+        raise ValueError(f"need 2 <= min_columns <= max_columns <= 5, got {min_columns}, {max_columns}")
+    if report is not None and not report.path:
+        report.path = os.fspath(path)
+
+    def bad(error: DataError) -> None:
+        if not skip_bad_lines:
+            raise error
+        if report is not None:
+            report.add(error)
+
+    pending_blank: list[int] = []  # blank lines not yet known to be in the middle of the file
+    with open(path, "rb") as f:
+        for line_no, raw in _physical_lines(f):
+            if _is_blank(raw):
+                pending_blank.append(line_no)
+                continue
+            for blank_no in pending_blank:  # data follows, so these blanks are bad lines
+                if line_belongs_to_rank(blank_no, rank, world_size):
+                    bad(DataError(path, blank_no, "empty line in the middle of the file"))
+            pending_blank.clear()
+            if not line_belongs_to_rank(line_no, rank, world_size):
+                continue
+            try:
+                record = _parse_line(path, line_no, raw, min_columns, max_columns)
+            except DataError as e:
+                bad(e)
+                continue
+            yield record
+
+
+# ---------------------------------------------------------------------------------------------
+# fast whole-file helpers
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Number of the last non-blank line (0 for an empty file): the physical lines the readers
+    number, minus blank lines at the end (which they ignore). Counts newlines in 1 MiB binary
+    chunks; never decodes."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    newlines = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            newlines += chunk.count(b"\n")
+        # Walk back from the end over trailing whitespace to find the last non-blank byte.
+        end = size
+        newlines_after = 0
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            f.seek(start)
+            chunk = f.read(end - start)
+            stripped = chunk.rstrip()
+            newlines_after += chunk.count(b"\n", len(stripped))
+            if stripped:
+                if start == 0 and stripped == UTF8_BOM:  # a file holding only a BOM
+                    return 0
+                break
+            end = start
+        else:
+            return 0  # only whitespace
+    return newlines - newlines_after + 1
+
+
+def lines_for_rank(n_lines: int, rank: int, world_size: int) -> int:
+    """How many of lines 1..n_lines round-robin sharding gives to ``rank``."""
+    _check_sharding(rank, world_size)
+    return 0 if n_lines <= rank else (n_lines - 1 - rank) // world_size + 1
+
+
+def read_column(path: str | os.PathLike, col: int) -> Iterator[str]:
+    """Stream one column (0-based; 1 = image ids) of every data line, in file order, stripped.
+
+    Decodes only that field (not the large base64 one). Trailing blank lines are ignored; a
+    blank line in the middle, a line with too few columns or invalid UTF-8 in the field raises
+    DataError, so the values stay aligned with the data lines.
+    """
+    if col < 0:
+        raise ValueError(f"col must be >= 0, got {col}")
+    pending_blank: list[int] = []
+    with open(path, "rb") as f:
+        for line_no, raw in _physical_lines(f):
+            if _is_blank(raw):
+                pending_blank.append(line_no)
+                continue
+            if pending_blank:
+                raise DataError(path, pending_blank[0], "empty line in the middle of the file")
+            fields = raw.split(b"\t", col + 1)
+            if len(fields) <= col:
+                raise DataError(path, line_no, f"no column {col + 1}: found {len(fields)} columns")
+            try:
+                yield fields[col].decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    path, line_no, f"invalid UTF-8 in column {col + 1} at byte {e.start}"
+                ) from None

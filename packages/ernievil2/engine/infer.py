@@ -1,0 +1,162 @@
+"""Embed a TSV with both towers: the engine behind run_infer.sh.
+
+Each process embeds its shard of lines (line i goes to rank (i-1) % world), keeps the 1-based
+line numbers, and writes a part file; rank 0 merges the parts in line order and writes the
+official three-column output under a temporary name, renamed only when complete.
+"""
+import contextlib
+import logging
+import os
+import time
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint
+from ..config import load_config
+from ..data.pipeline import BatchLoader
+from ..device import select_device
+from ..distributed import barrier, init_distributed
+from ..logging_utils import setup_logging
+from ..metrics.embeddings_io import write_embeddings
+from ..models.dual_encoder import count_parameters
+from ..models.factory import create_model, image_preprocess_spec
+from ..tokenizer import ErnieTokenizer
+from ..transforms import decode_image, make_eval_transform
+
+log = logging.getLogger("ernievil2.infer")
+
+
+def build_tokenizer(cfg):
+    return ErnieTokenizer.from_file(
+        cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_id=cfg.pad_token, cls_id=cfg.cls_token,
+        sep_id=cfg.sep_token, mask_id=cfg.mask_token)
+
+
+def build_for_inference(cfg):
+    """Model (eval mode, checkpoint loaded), image transform and text encoder from a config."""
+    paddle.seed(cfg.seed)
+    model = create_model(cfg.image_model, cfg.text_model_config, embed_dim=cfg.embed_dim,
+                         image_size=cfg.image_size)
+    if cfg.init_from_params:
+        info = load_checkpoint(model, cfg.init_from_params)
+        log.info("checkpoint %s: %s layout, %d tensors loaded", cfg.init_from_params,
+                 info["layout"], info["loaded"])
+    else:
+        log.warning("init_from_params is empty: the model has RANDOM weights (seed %d)", cfg.seed)
+    model.eval()
+    log.info("parameters: image tower %s, text tower %s, total %s",
+             f"{count_parameters(model.visual):,}", f"{count_parameters(model.text_model):,}",
+             f"{count_parameters(model):,}")
+    size, mean, std = image_preprocess_spec(cfg.image_model, cfg.image_size)
+    transform = make_eval_transform(size, mean=mean, std=std)
+    tokenizer = build_tokenizer(cfg)
+
+    def encode_texts(texts):
+        return tokenizer.batch_encode(texts, padding=cfg.text_padding).astype(cfg.input_dtype)
+
+    return model, transform, encode_texts
+
+
+def _autocast(amp):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return paddle.amp.auto_cast(level="O1", dtype="float16" if amp == "fp16" else "bfloat16")
+
+
+def _part_path(output_file, rank):
+    return f"{output_file}.part{rank}.npz"
+
+
+def embed_shard(cfg, model, transform, encode_texts, rank, world, amp="none"):
+    loader = BatchLoader(cfg.test_file, cfg.infer_batch_size, image_transform=transform,
+                         text_encoder=encode_texts, decode_image=decode_image, rank=rank,
+                         world_size=world, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
+                         skip_bad_lines=cfg.skip_bad_lines)
+    encode_image, encode_text = model.encode_image, model.encode_text
+    if cfg.execution == "to_static":
+        encode_image = paddle.jit.to_static(model.encode_image, full_graph=True)
+        encode_text = paddle.jit.to_static(model.encode_text, full_graph=True)
+    texts, images, lines = [], [], []
+    bar = tqdm(total=loader.total_lines_for_rank, unit="lines", desc=f"embed[rank {rank}]",
+               disable=rank != 0, dynamic_ncols=True)
+    with paddle.no_grad(), _autocast(amp):
+        for batch in loader:
+            img = encode_image(paddle.to_tensor(batch.images))
+            txt = encode_text(paddle.to_tensor(batch.input_ids))
+            images.append(img.astype("float32").numpy())
+            texts.append(txt.astype("float32").numpy())
+            lines.append(batch.line_numbers)
+            bar.update(len(batch.line_numbers))
+    bar.close()
+    dim = model.embed_dim
+    cat = lambda xs, d: np.concatenate(xs) if xs else np.zeros((0, d), np.float32)  # noqa: E731
+    skipped = loader.skip_report.line_numbers if loader.skip_report else []
+    return (cat(texts, dim), cat(images, dim),
+            np.concatenate(lines) if lines else np.zeros(0, np.int64), skipped, loader.skip_report)
+
+
+def merge_parts(output_file, world, write_sidecar):
+    """Rank 0: gather every rank's part, order by line number, write the output atomically."""
+    texts, images, lines, skipped = [], [], [], []
+    for r in range(world):
+        with np.load(_part_path(output_file, r)) as part:
+            texts.append(part["text"]), images.append(part["image"])
+            lines.append(part["line_numbers"]), skipped.append(part["skipped"])
+    lines = np.concatenate(lines)
+    order = np.argsort(lines, kind="stable")
+    if len(np.unique(lines)) != len(lines):
+        raise RuntimeError("internal error: a line was embedded by two ranks")
+    write_embeddings(output_file, np.concatenate(texts)[order], np.concatenate(images)[order],
+                     lines[order], sidecar=write_sidecar)
+    for r in range(world):
+        os.remove(_part_path(output_file, r))
+    return len(lines), np.sort(np.concatenate(skipped)).tolist()
+
+
+def run(cfg):
+    rank, world = init_distributed()
+    logger, log_path = setup_logging(cfg.log_dir, "infer.log", rank)
+    place, amp = select_device(cfg.device, cfg.amp)
+    logger.info("config: %s", dict(cfg))
+    logger.info("device %s, %d process(es), amp %s, execution %s", place, world, amp, cfg.execution)
+    if not os.path.isfile(cfg.test_file):
+        raise FileNotFoundError(f"test_file not found: {cfg.test_file}")
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_file))
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    model, transform, encode_texts = build_for_inference(cfg)
+    t_ready = time.time()
+    text, image, lines, skipped, report = embed_shard(cfg, model, transform, encode_texts, rank,
+                                                      world, amp)
+    t_done = time.time()
+    part = _part_path(cfg.output_file, rank)
+    tmp = part + ".tmp.npz"
+    np.savez(tmp, text=text, image=image, line_numbers=lines, skipped=np.asarray(skipped, np.int64))
+    os.replace(tmp, part)
+    if report and report.count:
+        logger.warning("rank %d: %s", rank, report.summary())
+    barrier()
+    if rank == 0:
+        n, all_skipped = merge_parts(cfg.output_file, world, cfg.write_sidecar)
+        rate = len(lines) * world / max(t_done - t_ready, 1e-9)
+        logger.info("wrote %s: %d lines (%d skipped%s); start-up %.1fs, embedding %.1fs "
+                    "(~%.2f lines/s over %d process(es))", cfg.output_file, n, len(all_skipped),
+                    (": lines " + ", ".join(map(str, all_skipped[:20])) +
+                     (" ..." if len(all_skipped) > 20 else "")) if all_skipped else "",
+                    t_ready - t0, t_done - t_ready, rate, world)
+        if log_path:
+            logger.info("log: %s", log_path)
+    barrier()
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Embed a TSV (text \\t image_id \\t base64 image) with "
+                                "ERNIE-ViL 2.0; the engine behind run_infer.sh.")
+    p.add_argument("config", help="YAML config (official keys plus the project's; see README)")
+    p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run(cfg)

@@ -1,0 +1,93 @@
+import numpy as np
+import paddle
+import pytest
+
+from ernievil2.models.dual_encoder import count_parameters
+from ernievil2.models.ernie import ErnieTextModel, load_ernie_config
+from ernievil2.models.factory import create_model, image_preprocess_spec, resolve_image_spec
+from helpers import TINY_ERNIE, TINY_VIT
+
+
+def tiny_model(**kw):
+    paddle.seed(0)
+    m = create_model(kw.pop("image_model", dict(TINY_VIT)), dict(TINY_ERNIE), **kw)
+    m.eval()
+    return m
+
+
+def test_encoders_return_unit_vectors_of_embed_dim():
+    m = tiny_model()
+    img = m.encode_image(paddle.randn([2, 3, 32, 32]))
+    txt = m.encode_text(paddle.to_tensor([[1, 7, 8, 2, 0], [1, 9, 2, 0, 0]], dtype="int64"))
+    assert img.shape == [2, 64] and txt.shape == [2, 64]
+    np.testing.assert_allclose(np.linalg.norm(img.numpy(), axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(txt.numpy(), axis=1), 1.0, atol=1e-5)
+
+
+def test_no_projection_when_widths_match_and_heads_when_they_differ():
+    assert tiny_model().visual_proj is None and tiny_model().text_proj is None
+    m = tiny_model(image_model={**TINY_VIT, "width": 32, "heads": 2}, embed_dim=48)
+    assert m.visual_proj is not None and m.text_proj is not None
+    assert m.encode_image(paddle.randn([1, 3, 32, 32])).shape == [1, 48]
+    names = set(m.state_dict())
+    assert "visual_proj.weight" in names and "text_proj.weight" in names
+
+
+def test_padding_does_not_change_the_text_embedding():
+    m = tiny_model()
+    short = paddle.to_tensor([[1, 7, 8, 9, 2]], dtype="int64")
+    padded = paddle.to_tensor([[1, 7, 8, 9, 2] + [0] * 11], dtype="int64")
+    np.testing.assert_allclose(m.encode_text(short).numpy(), m.encode_text(padded).numpy(), atol=1e-6)
+
+
+def test_every_text_layer_matters_and_dropout_only_in_training():
+    m = tiny_model()
+    ids = paddle.to_tensor([[1, 7, 8, 9, 2]], dtype="int64")
+    a = m.encode_text(ids).numpy()
+    np.testing.assert_array_equal(a, m.encode_text(ids).numpy())  # eval: deterministic
+    m.train()
+    assert not np.allclose(a, m.encode_text(ids).numpy())  # dropout 0.1 is active in training
+
+
+def test_ernie2_sentence_embedding_is_a_parameter_and_used():
+    t = ErnieTextModel(**{**TINY_ERNIE, "use_sent_emb": True})
+    assert "sent_emb.weight" in t.state_dict()
+    assert "sent_emb.weight" not in ErnieTextModel(**TINY_ERNIE).state_dict()
+
+
+def test_text_longer_than_positions_is_an_error():
+    t = ErnieTextModel(**{**TINY_ERNIE, "max_position_embeddings": 8})
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        t(paddle.ones([1, 9], dtype="int64"))
+
+
+def test_ernie_config_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, '
+                 '"vocab_size": 10, "hiden_act": "gelu"}')
+    with pytest.raises(ValueError, match="hiden_act"):
+        load_ernie_config(str(p))
+
+
+def test_official_base_model_has_the_official_parameter_count(tmp_path):
+    # 350 tensors, 203,738,881 parameters for ViT-B/16 + 12-layer ERNIE 3.0 base (official_release.md)
+    from helpers import write_json
+    cfg = write_json(tmp_path / "e.json", {"hidden_size": 768, "num_hidden_layers": 12,
+                                           "num_attention_heads": 12, "vocab_size": 40000,
+                                           "max_position_embeddings": 2048})
+    with paddle.LazyGuard():
+        m = create_model("vit_b16", cfg)
+    assert len(m.state_dict()) == 350
+    assert count_parameters(m) == 203_738_881
+
+
+def test_unknown_image_tower_is_an_error_listing_the_known_ones():
+    with pytest.raises(ValueError, match="vit_b16"):
+        resolve_image_spec("vit_b17")
+
+
+def test_preprocessing_follows_the_tower():
+    assert image_preprocess_spec("vit_b16") == (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert image_preprocess_spec("vit_b16", 288)[0] == 288
+    size, mean, _ = image_preprocess_spec("efficientnet_lite0")
+    assert size == 224 and mean == (0.5, 0.5, 0.5)
