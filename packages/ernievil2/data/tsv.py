@@ -269,8 +269,10 @@ def count_lines(path: str | os.PathLike) -> int:
             stripped = chunk.rstrip()
             newlines_after += chunk.count(b"\n", len(stripped))
             if stripped:
-                if start == 0 and stripped == UTF8_BOM:  # a file holding only a BOM
-                    return 0
+                if start + len(stripped) == len(UTF8_BOM):  # only a BOM before the blanks?
+                    f.seek(0)
+                    if f.read(len(UTF8_BOM)) == UTF8_BOM:
+                        return 0
                 break
             end = start
         else:

@@ -30,8 +30,8 @@ log = logging.getLogger("ernievil2.infer")
 
 def build_tokenizer(cfg):
     return ErnieTokenizer.from_file(
-        cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_id=cfg.pad_token, cls_id=cfg.cls_token,
-        sep_id=cfg.sep_token, mask_id=cfg.mask_token)
+        cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_token=cfg.pad_token,
+        cls_token=cfg.cls_token, sep_token=cfg.sep_token, mask_token=cfg.mask_token)
 
 
 def build_for_inference(cfg):

@@ -8,9 +8,7 @@ import copy
 from .dual_encoder import ErnieViL2
 from .ernie import ErnieTextModel, load_ernie_config
 
-# Preprocessing constants live with the tower they belong to.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # official ViT
-HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # EfficientNet-Lite: (x/255 - 0.5) / 0.5
+from ..transforms import HALF_MEAN, HALF_STD, OFFICIAL_MEAN, OFFICIAL_STD
 
 IMAGE_TOWERS = {
     # ViT-B/16 (Dosovitskiy et al. 2021, Table 1); the official ERNIE-ViL 2.0 base image tower.
@@ -41,8 +39,8 @@ def resolve_image_spec(image_model):
         raise ValueError(f"image_model must be a name or a mapping, got {image_model!r}")
     if spec.get("type") not in ("vit", "efficientnet"):
         raise ValueError(f"image_model type must be vit or efficientnet, got {spec.get('type')!r}")
-    spec.setdefault("mean", IMAGENET_MEAN)
-    spec.setdefault("std", IMAGENET_STD)
+    spec.setdefault("mean", OFFICIAL_MEAN)
+    spec.setdefault("std", OFFICIAL_STD)
     return spec
 
 
