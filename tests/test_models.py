@@ -91,3 +91,8 @@ def test_preprocessing_follows_the_tower():
     assert image_preprocess_spec("vit_b16", 288)[0] == 288
     size, mean, _ = image_preprocess_spec("efficientnet_lite0")
     assert size == 224 and mean == (0.5, 0.5, 0.5)
+
+
+def test_lite_towers_get_half_statistics_however_named():
+    assert image_preprocess_spec({"type": "efficientnet", "name": "lite0"})[1] == (0.5, 0.5, 0.5)
+    assert image_preprocess_spec({"type": "efficientnet", "name": "b0"})[1] == (0.485, 0.456, 0.406)

@@ -20,7 +20,7 @@ IMAGE_TOWERS = {
     # EfficientNet-L2 (Noisy Student, Xie et al. 2020: width 4.3, depth 5.3, resolution 800).
     "efficientnet_l2": dict(type="efficientnet", name="l2"),
     # EfficientNet-Lite0 (TF EfficientNet-Lite): the real ImageNet weights in ../shared start here.
-    "efficientnet_lite0": dict(type="efficientnet", name="lite0", mean=HALF_MEAN, std=HALF_STD),
+    "efficientnet_lite0": dict(type="efficientnet", name="lite0"),
 }
 
 
@@ -39,8 +39,10 @@ def resolve_image_spec(image_model):
         raise ValueError(f"image_model must be a name or a mapping, got {image_model!r}")
     if spec.get("type") not in ("vit", "efficientnet"):
         raise ValueError(f"image_model type must be vit or efficientnet, got {spec.get('type')!r}")
-    spec.setdefault("mean", OFFICIAL_MEAN)
-    spec.setdefault("std", OFFICIAL_STD)
+    # EfficientNet-Lite is trained on (x/255 - 0.5) / 0.5; everything else on ImageNet statistics.
+    lite = spec["type"] == "efficientnet" and str(spec.get("name", "")).lstrip("efficientnet-_").startswith("lite")
+    spec.setdefault("mean", HALF_MEAN if lite else OFFICIAL_MEAN)
+    spec.setdefault("std", HALF_STD if lite else OFFICIAL_STD)
     return spec
 
 
