@@ -89,6 +89,8 @@ def embed_shard(cfg, model, transform, encode_texts, rank, world, amp="none"):
             texts.append(txt.astype("float32").numpy())
             lines.append(batch.line_numbers)
             bar.update(len(batch.line_numbers))
+    if loader.skip_report:
+        bar.update(loader.skip_report.count)  # skipped lines were read too
     bar.close()
     dim = model.embed_dim
     cat = lambda xs, d: np.concatenate(xs) if xs else np.zeros((0, d), np.float32)  # noqa: E731

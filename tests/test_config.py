@@ -1,0 +1,52 @@
+import pytest
+import yaml
+
+from conftest import ROOT
+from ernievil2.config import OFFICIAL_KEYS, ConfigError, load_config
+
+OFFICIAL_YAML = {
+    "input_dtype": "int64", "device": "gpu", "infer_batch_size": 10, "max_text_seqlen": 48,
+    "vocab_file": "./packages/ernie_base_3.0/vocab.txt",
+    "text_model_config": "./packages/ernie_base_3.0/ernie_config.base.json",
+    "test_file": "./packages/coco/your_data_path", "output_file": "./test_out/cross_modal_embeddings.out",
+    "init_from_params": "./params/your_model_weights_path", "pad_token": 0, "cls_token": 1,
+    "sep_token": 2, "mask_token": 3, "unk_token": 17963,
+}
+
+
+def test_the_official_yaml_is_accepted_as_is(tmp_path):
+    p = tmp_path / "ernie_vil_base.yaml"
+    p.write_text(yaml.safe_dump(OFFICIAL_YAML))
+    cfg = load_config(str(p))
+    assert set(OFFICIAL_KEYS) <= set(cfg)
+    assert cfg.infer_batch_size == 10 and cfg.image_model == "vit_b16"
+
+
+@pytest.mark.parametrize("name", ["ernie_vil_base", "ernie_vil_base_efficientnet_b5",
+                                  "ernie_vil_large_vit_l14", "ernie_vil_large_efficientnet_l2",
+                                  "demo_tiny"])
+def test_shipped_configs_are_valid_and_document_the_official_keys(name):
+    path = ROOT / "packages" / "configs" / f"{name}.yaml"
+    cfg = load_config(str(path))
+    assert cfg.text_model_config
+    if name != "demo_tiny":
+        assert set(OFFICIAL_KEYS) <= set(yaml.safe_load(path.read_text()))
+
+
+def test_unknown_key_and_bad_value_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'infer_batch_sise'"):
+        load_config(None, ["infer_batch_sise=3"])
+    with pytest.raises(ConfigError, match="'infer_batch_size' = 0 is invalid"):
+        load_config(None, ["infer_batch_size=0"])
+    with pytest.raises(ConfigError, match="'text_padding'"):
+        load_config(None, ["text_padding=shortest"])
+
+
+def test_overrides_are_yaml_typed():
+    cfg = load_config(None, ["infer_batch_size=32", "skip_bad_lines=true", "image_model={base: vit_b16, layers: 2}"])
+    assert cfg.infer_batch_size == 32 and cfg.skip_bad_lines is True
+    assert cfg.image_model == {"base": "vit_b16", "layers": 2}
+
+
+def test_test_file_path_need_not_contain_coco():
+    assert load_config(None, ["test_file=/data/flickr_test.tsv"]).test_file == "/data/flickr_test.tsv"
