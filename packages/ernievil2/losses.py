@@ -35,7 +35,6 @@ from typing import NamedTuple
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ernievil2 import distributed
 
@@ -62,9 +61,22 @@ def temperature_param_name(view_a, view_b):
     return f"temperature_{view_a}__{view_b}"
 
 
+def log_softmax(logits):
+    """Row log-softmax via logsumexp. Paddle's CPU softmax kernels (F.log_softmax,
+    F.cross_entropy) clip log-probabilities at -64, which corrupts loss and gradient exactly when
+    the logit scale is large (100) and a row is badly wrong; logsumexp has no such floor."""
+    return logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+
+
+def hard_cross_entropy(logits, labels):
+    """mean_i -log_softmax(logits)_i,labels_i."""
+    picked = paddle.take_along_axis(log_softmax(logits), labels.unsqueeze(1), axis=1)
+    return -picked.mean()
+
+
 def soft_cross_entropy(logits, targets):
     """mean_i -sum_j targets_ij * log_softmax(logits)_ij (targets rows sum to 1)."""
-    return -(targets * F.log_softmax(logits, axis=-1)).sum(axis=-1).mean()
+    return -(targets * log_softmax(logits)).sum(axis=-1).mean()
 
 
 def id_targets(row_ids, col_ids):
@@ -189,7 +201,7 @@ class MultiViewContrastiveLoss(nn.Layer):
             loss = 0.5 * (self._ce(ab, targets) + self._ce(ba, targets))
             total = total + p.weight * loss
             info[f"loss/{p.key}"] = loss
-            info[f"logit_scale/{p.key}"] = scale.detach()
+            info[f"logit_scale/{p.key}"] = scale.detach().reshape([])
         return total, info
 
     def _targets(self, ids, b, rank, world_size):
@@ -200,7 +212,9 @@ class MultiViewContrastiveLoss(nn.Layer):
             return paddle.arange(offset, offset + rows, dtype="int64")
         if ids is None:
             raise ValueError("targets='unicl' needs ids (image id / label index per row)")
-        ids = paddle.to_tensor(ids).astype("int64").reshape([-1])
+        if not isinstance(ids, paddle.Tensor):
+            ids = paddle.to_tensor(ids)
+        ids = ids.astype("int64").reshape([-1])
         if ids.shape[0] != b:
             raise ValueError(f"ids has {ids.shape[0]} entries for a batch of {b} rows")
         all_ids = distributed.all_gather_no_grad(ids) if world_size > 1 else ids
@@ -208,5 +222,5 @@ class MultiViewContrastiveLoss(nn.Layer):
 
     def _ce(self, logits, targets):
         if self.targets == "clip":
-            return F.cross_entropy(logits, targets)
+            return hard_cross_entropy(logits, targets)
         return soft_cross_entropy(logits, targets)

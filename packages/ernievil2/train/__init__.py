@@ -1,0 +1,1 @@
+"""Training pieces: gradient caching for large contrastive batches (gradcache)."""
