@@ -134,3 +134,8 @@ def describe_keys(schema=None):
     for k, spec in (schema or SCHEMA).items():
         rows.append(f"| `{k}` | `{spec.default!r}` | {spec.doc} |")
     return "\n".join(rows)
+
+
+# The training keys live in train/keys.py (next to the code that uses them) but belong to the same
+# schema, so that one YAML file can drive run_infer.sh and run_train.sh.
+from .train import keys as _train_keys  # noqa: E402,F401  (registers TRAIN_KEYS)

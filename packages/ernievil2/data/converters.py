@@ -887,9 +887,8 @@ def write_pairs_tsv(
                 written.add(image_id)
                 done.add(image_id)
         if stats.lines == 0:
-            why = f"; {stats.bad_images} image(s) missing/unreadable" if bad else ""
-            raise ConversionError(f"{out_path}: nothing to write ({stats.records} caption(s) read{why})"
-                                  .replace(f"{len(bad)} image", f"{len(bad)} image"))
+            why = f"; {len(bad)} image(s) missing/unreadable" if bad else ""
+            raise ConversionError(f"{out_path}: nothing to write ({stats.records} caption(s) read{why})")
         if tags is not None and stats.tags_filled == 0:
             raise ConversionError(f"{out_path}: no image id of the data is in the tags table "
                                   f"(e.g. {next(iter(written))!r} vs {next(iter(tags))!r})")

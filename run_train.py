@@ -1,0 +1,10 @@
+"""Train ERNIE-ViL 2.0 with multi-view contrastive learning (called by run_train.sh)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "packages"))
+
+from ernievil2.train.loop import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
