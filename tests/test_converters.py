@@ -117,6 +117,13 @@ def test_folder_coco_json_groups_by_image(folder, tmp_path):
     assert base64.b64decode(lines[0][2]) == data["sub/b"]
 
 
+def test_folder_tsv_header_with_other_columns_is_an_error(folder, tmp_path):
+    images, _, _ = folder
+    caps = write(tmp_path / "h.tsv", "image_file\timage_id\tlang\tcaption\na.png\ta\tzh\t圆\n")
+    with pytest.raises(cv.DataError, match=r"h\.tsv:1: the header names 4 columns"):
+        cv.parse_folder(caps, str(images))
+
+
 def test_coco_json_annotation_for_unknown_image(tmp_path):
     caps = write(tmp_path / "c.json", json.dumps({"images": [], "annotations": [{"image_id": 1, "caption": "x"}]}))
     with pytest.raises(cv.ConversionError, match=r"c\.json: annotations entry 1: image_id 1 is not in"):
@@ -214,6 +221,15 @@ def test_tags_that_match_no_image_are_an_error(folder, tmp_path):
     with pytest.raises(cv.ConversionError, match="no image id of the data is in the tags table"):
         write_quiet(cv.parse_folder(caps, str(images)).records, tmp_path / "o.tsv", tags={"zzz": "t"})
     assert not (tmp_path / "o.tsv").exists()
+
+
+def test_label_gives_a_fifth_column_after_an_empty_tags_column(folder, tmp_path):
+    images, _, _ = folder
+    records = [cv.PairRecord("圆", "a", str(images / "a.png"), "mem", "caption line 1", label="circle")]
+    out = tmp_path / "o.tsv"
+    write_quiet(records, out)
+    assert [l[3:] for l in read_lines(out)] == [["", "circle"]]
+    assert [(r.tags, r.label) for r in iter_records(out)] == [("", "circle")]
 
 
 def test_max_side_shrinks_large_images_only(tmp_path):

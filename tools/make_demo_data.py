@@ -54,7 +54,8 @@ def caption(lang, colour, shape, place, count):
     if lang == "zh":
         return f"{pzh}有{nzh}{czh}的{szh}"
     plural = {"circle": "circles", "square": "squares", "triangle": "triangles"}[sen] if n > 1 else sen
-    return f"{'a' if n == 1 else nen} {cen} {plural} on the {pen}"
+    article = ("an" if cen[0] in "aeiou" else "a") if n == 1 else nen
+    return f"{article} {cen} {plural} on the {pen}"
 
 
 def make_split(rng, n, start_id):

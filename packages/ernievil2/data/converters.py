@@ -33,7 +33,7 @@ Published formats read here (one parser each; all return ``ParseResult``):
   (``train2014/``, ``val2014/`` under one root); a COCO 2017 layout (``train2017/``,
   ``val2017/`` with ``000000123456.jpg``) is found too.
 
-``flickr-cn`` -- Flickr30k-CN / Flickr8k-CN (Lan, Li, Dong, ACM MM 2017; files from
+``flickr30k-cn`` -- Flickr30k-CN / Flickr8k-CN (Lan, Li, Dong, ACM MM 2017; files from
   lixirong.net/data/mm2017 as read by github.com/weiyuk/fluent-cap): one folder per split
   (``flickr30kzhbbosontrain``, ``flickr30kzhbbosonval``, ``flickr30kzhmbosontest``) holding
   ``ImageSets/<name>.txt`` (one image id a line) and ``TextData/seg.<name>.caption.txt``, lines
@@ -254,6 +254,9 @@ def parse_folder_tsv(captions: str, images_dir: str, columns: str = "auto", head
             names = [f.strip().lower() for f in fields]
             is_header = header == "yes" or (
                 header == "auto" and len(names) >= 2 and names[0] in _FILE_HEADERS and names[-1] in _CAPTION_HEADERS)
+            if is_header and len(fields) not in (2, 3):
+                raise DataError(captions, line_no, f"the header names {len(fields)} columns; expected "
+                                                   "image_file, caption or image_file, image_id, caption")
             if ncols is None:
                 ncols = 2 if len(fields) == 2 else 3
             if is_header:

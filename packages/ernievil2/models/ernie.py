@@ -133,7 +133,9 @@ class ErnieTextModel(nn.Layer):
 
     def forward(self, input_ids):
         seq_len = input_ids.shape[1]
-        if seq_len > self.max_position_embeddings:
+        # Under paddle.jit.to_static with a dynamic length, seq_len is a graph value, not an int:
+        # the check can only run eagerly (an exported model gets the length from its caller).
+        if isinstance(seq_len, int) and seq_len > self.max_position_embeddings:
             raise ValueError(f"text length {seq_len} exceeds max_position_embeddings "
                              f"{self.max_position_embeddings}")
         pos = paddle.arange(seq_len, dtype="int64").unsqueeze(0)

@@ -4,7 +4,6 @@ import numpy as np
 import paddle
 
 from ..data.pipeline import BatchLoader
-from ..metrics.retrieval import multi_caption_recall, official_recall
 from ..transforms import decode_image
 
 
@@ -22,6 +21,8 @@ def embed_file(model, path, transform, encode_texts, batch_size=64, num_workers=
 
 def validate(model, path, transform, encode_texts, batch_size=64, num_workers=2):
     """{'official': rows, 'multi_caption': rows}: rows name -> {R@1, R@5, R@10, meanRecall} in %."""
+    from ..metrics.retrieval import multi_caption_recall, official_recall
+
     was_training = model.training
     model.eval()
     try:
