@@ -1,0 +1,226 @@
+"""Cross-modal retrieval recall, as the official eval_retri.py computes it, in bounded memory.
+
+Definitions (the official ones): the score of a text and an image is the float32 dot product of
+their embeddings; a query's rank is the number of candidates whose score is strictly greater than
+its correct candidate's (ties count in the query's favour); R@K is the share of queries with
+rank < K; a row's meanRecall is the mean of its R@K; the "MeanRecall" row averages Text2Image and
+Image2Text column by column.
+
+The official script holds the whole N x N score matrix (10k lines: ~1 GB). Here only one block of
+query rows is scored at a time (``text[a:b] @ candidates.T``). Both directions come from the same
+block products, so every score is computed once:
+
+* Text2Image ranks of the block's rows are counted directly.
+* Image2Text needs each image's positive score before its column can be counted over all rows.
+  A cheap pre-pass scores only the positive pairs (small diagonal blocks); the main pass checks
+  those against the positives it computes itself, and if BLAS rounded a single one differently
+  (it can, for some block shapes) Image2Text is recounted with the exact values. The result is
+  therefore always the count over the main pass's scores, like the official's count over its
+  score matrix.
+
+Blocks default to the official's own row blocks (10 equal blocks) when they fit the memory budget,
+so the float32 dot products are the same BLAS calls as the official's, bit for bit.
+NumPy only: this module never imports Paddle.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_KS",
+    "TABLE_HEADERS",
+    "paired_ranks",
+    "multi_caption_ranks",
+    "recall_row",
+    "official_recall",
+    "multi_caption_recall",
+    "format_table",
+]
+
+DEFAULT_KS = (1, 5, 10)
+TABLE_HEADERS = ["Name", "R@1", "R@5", "R@10", "meanRecall"]  # the official table
+MAX_CHUNK_ROWS = 1024
+SCORE_BLOCK_BYTES = 64 << 20  # float32 scores of one block of query rows
+PREPASS_ROWS = 256  # rows per positive-score block of the pre-pass
+
+
+def _row_blocks(n: int, n_candidates: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """Query row blocks [a, b). Never a 1-row block (NumPy would call gemv, which rounds
+    differently from gemm) unless there is only one row."""
+    if chunk_size is None:
+        budget = max(2, min(MAX_CHUNK_ROWS, SCORE_BLOCK_BYTES // (4 * max(n_candidates, 1))))
+        official = n // 10 if n % 10 == 0 else 0
+        size = official if 2 <= official <= max(budget, MAX_CHUNK_ROWS) and \
+            official * n_candidates * 4 <= 2 * SCORE_BLOCK_BYTES else budget
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        size = max(2, chunk_size)
+    blocks = [(a, min(n, a + size)) for a in range(0, n, size)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] == 1:
+        blocks[-2:] = [(blocks[-2][0], n)]
+    return blocks
+
+
+def _check_embeddings(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {a.shape}")
+    if a.dtype != np.float32:  # the official scores float32 embeddings
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def _rank_positives(queries: np.ndarray, candidates: np.ndarray, positive: np.ndarray,
+                    chunk_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks for scores s(i, j) = queries[i] . candidates[j] with query i's correct candidate
+    ``positive[i]``.
+
+    Returns (query_ranks [n], candidate_ranks [m]):
+      query_ranks[i]     = #{j : s(i, j) > s(i, positive[i])}
+      candidate_ranks[j] = #{i : s(i, j) > max over i' with positive[i'] == j of s(i', j)}
+    Every candidate must be the positive of at least one query.
+    """
+    n, m = len(queries), len(candidates)
+    blocks = _row_blocks(n, m, chunk_size)
+    cand_t = candidates.T  # a view, like the official's image.transpose()
+
+    # pre-pass: each candidate's best positive score, from small positive-pair blocks
+    threshold = _positive_thresholds(queries, candidates, positive, blocks)
+
+    query_ranks = np.empty(n, np.int64)
+    candidate_ranks = np.zeros(m, np.int64)
+    positive_scores = np.empty(n, np.float32)
+    for a, b in blocks:
+        scores = queries[a:b] @ cand_t
+        pos = scores[np.arange(b - a), positive[a:b]]
+        positive_scores[a:b] = pos
+        query_ranks[a:b] = np.count_nonzero(scores > pos[:, None], axis=1)
+        candidate_ranks += np.count_nonzero(scores > threshold, axis=0)
+
+    exact = np.full(m, -np.inf, np.float32)
+    np.maximum.at(exact, positive, positive_scores)
+    if not np.array_equal(exact, threshold):  # BLAS rounded a pre-pass block differently
+        candidate_ranks[:] = 0
+        for a, b in blocks:
+            scores = queries[a:b] @ cand_t
+            candidate_ranks += np.count_nonzero(scores > exact, axis=0)
+    return query_ranks, candidate_ranks
+
+
+def _positive_thresholds(queries, candidates, positive, blocks) -> np.ndarray:
+    threshold = np.full(len(candidates), -np.inf, np.float32)
+    for a, b in blocks:
+        parts = -(-(b - a) // PREPASS_ROWS)
+        for k in range(parts):  # near-equal sub-blocks: no tiny remainder block
+            lo, hi = a + (b - a) * k // parts, a + (b - a) * (k + 1) // parts
+            pos = positive[lo:hi]
+            cols, inverse = np.unique(pos, return_inverse=True)
+            if cols[-1] - cols[0] + 1 == len(cols):  # contiguous (the official protocol): a view
+                block = queries[lo:hi] @ candidates[cols[0]:cols[-1] + 1].T
+            else:
+                block = queries[lo:hi] @ candidates[cols].T
+            np.maximum.at(threshold, pos, block[np.arange(hi - lo), inverse])
+    return threshold
+
+
+def paired_ranks(text, image, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Official protocol: line i's text and line i's image are each other's only match.
+
+    Returns (text_to_image_ranks [N], image_to_text_ranks [N]).
+    """
+    text = _check_embeddings("text", text)
+    image = _check_embeddings("image", image)
+    if text.shape != image.shape:
+        raise ValueError(f"text {text.shape} and image {image.shape} must have the same shape")
+    return _rank_positives(text, image, np.arange(len(text)), chunk_size)
+
+
+def multi_caption_ranks(text, image, image_ids: Sequence, chunk_size: int | None = None):
+    """Several captions per image: lines with the same image id share one image.
+
+    The images are the distinct ids in first-appearance order, each with the image embedding of
+    its first line. Text2Image: a text's rank among the images. Image2Text: an image's rank is
+    that of its best-ranked caption (it hits R@K if ANY of its captions is in the top K texts).
+
+    Returns (text_to_image_ranks [N], image_to_text_ranks [M], distinct ids [M]).
+    """
+    text = _check_embeddings("text", text)
+    image = _check_embeddings("image", image)
+    if text.shape != image.shape:
+        raise ValueError(f"text {text.shape} and image {image.shape} must have the same shape")
+    if len(image_ids) != len(text):
+        raise ValueError(f"{len(image_ids)} image ids for {len(text)} embedding lines")
+    index: dict = {}
+    first_line: list[int] = []
+    positive = np.empty(len(text), np.int64)
+    for i, key in enumerate(image_ids):
+        j = index.setdefault(key, len(index))
+        if j == len(first_line):
+            first_line.append(i)
+        positive[i] = j
+    images = image[np.asarray(first_line)]
+    t2i, i2t = _rank_positives(text, images, positive, chunk_size)
+    return t2i, i2t, list(index)
+
+
+def recall_row(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """{"R@k": share of ranks < k, ..., "meanRecall": their mean}, in the official's float64
+    arithmetic (count / float(n); (r1 + r5 + r10) / 3.0) so the printed digits match."""
+    ranks = np.asarray(ranks)
+    n = float(len(ranks))
+    if not n:
+        raise ValueError("no queries")
+    values = [(ranks < k).sum() / n for k in ks]
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    row = {f"R@{k}": float(v) for k, v in zip(ks, values)}
+    row["meanRecall"] = float(total / float(len(ks)))
+    return row
+
+
+def _table_rows(t2i_ranks, i2t_ranks, ks) -> dict[str, dict[str, float]]:
+    t2i, i2t = recall_row(t2i_ranks, ks), recall_row(i2t_ranks, ks)
+    mean = {k: (np.float64(t2i[k]) + np.float64(i2t[k])) / 2 for k in t2i}
+    return {"Text2Image": t2i, "Image2Text": i2t,
+            "MeanRecall": {k: float(v) for k, v in mean.items()}}
+
+
+def official_recall(text, image, ks: Sequence[int] = DEFAULT_KS,
+                    chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+    """The official eval_retri.py rows (as fractions; format_table prints them as the official).
+
+    Returns {"Text2Image": {...}, "Image2Text": {...}, "MeanRecall": {...}}, each row
+    {"R@1", "R@5", "R@10", "meanRecall"}. Unlike the official, N need not be a multiple of 10.
+    """
+    t2i, i2t = paired_ranks(text, image, chunk_size)
+    return _table_rows(t2i, i2t, ks)
+
+
+def multi_caption_recall(text, image, image_ids: Sequence, ks: Sequence[int] = DEFAULT_KS,
+                         chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Rows like official_recall, with the multi-caption protocol (see multi_caption_ranks)."""
+    t2i, i2t, _ = multi_caption_ranks(text, image, image_ids, chunk_size)
+    return _table_rows(t2i, i2t, ks)
+
+
+def percent_table(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The numbers the official prints: round(x * 100, 2) on NumPy float64 (NumPy's rounding,
+    which can differ from Python's round() on a float)."""
+    return {name: {k: float(round(np.float64(v) * 100, 2)) for k, v in row.items()}
+            for name, row in rows.items()}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """The official table: tabulate github format, two decimals, values in percent."""
+    from tabulate import tabulate
+
+    if not rows:
+        raise ValueError("no rows to print")
+    headers = ["Name"] + list(next(iter(rows.values())))
+    table = [[name] + [round(np.float64(v) * 100, 2) for v in row.values()]
+             for name, row in rows.items()]
+    return tabulate(table, headers=headers, tablefmt="github", floatfmt=".2f")
