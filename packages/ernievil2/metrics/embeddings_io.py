@@ -616,54 +616,73 @@ def write_embeddings(path, text, image, line_numbers=None, sidecar: bool = True)
 _T4 = np.array([int.from_bytes(b"%04d" % i, "little") for i in range(10000)], np.uint32)
 _POW10_NEG = 10.0 ** -np.arange(0, 40, dtype=np.float64)  # 10**-k, for finding exponents
 _REC = 16  # record per value: byte 0 = separator before it, value right-aligned in bytes 1..15
+_FIRST_TRY = 7  # most float32 embedding values need 7 or 8 significant digits
 
 
 def _shortest_digits(x: np.ndarray, v32: np.ndarray):
-    """For |x| in [1e-4, 1): (d, s, sure) with str = '0.' + d zero-padded to s digits."""
+    """For x = |v32| in [1e-4, 1): (d, s, sure) with str = '0.' + d zero-padded to s digits.
+
+    ``sure`` is False where float64 rounding could have decided a comparison (str() is used).
+    """
     e10 = np.floor(np.log10(x)).astype(np.int64)
     e10 -= x < np.take(_POW10_NEG, -e10)  # fix log10 rounding at powers of ten
     e10 += x >= np.take(_POW10_NEG, -e10 - 1)
     sure = np.abs(x / np.take(_POW10_NEG, -e10) - 1.0) > 1e-12
-    up = np.nextafter(v32, np.float32(np.inf)).astype(np.float64)
-    down = np.nextafter(v32, np.float32(0)).astype(np.float64)
-    lo, hi = (x + down) * 0.5, (x + up) * 0.5  # exact in float64
-    best_d = np.zeros(len(x), np.float64)
-    best_s = np.zeros(len(x), np.int64)
+    lo = np.nextafter(v32, np.float32(0)).astype(np.float64)
+    lo += x
+    lo *= 0.5  # rounding interval of v32: (lo, hi), exact in float64
+    hi = np.nextafter(v32, np.float32(np.inf)).astype(np.float64)
+    hi += x
+    hi *= 0.5
 
     def attempt(idx, p):
-        s = p - 1 - e10[idx]
-        scale = np.take(_POW10, s)
-        y = x[idx] * scale
+        """(d, inside) for x[idx] rounded to p significant digits; updates ``sure``."""
+        full = idx is None
+        xs, es = (x, e10) if full else (x[idx], e10[idx])
+        los, his = (lo, hi) if full else (lo[idx], hi[idx])
+        scale = np.take(_POW10, p - 1 - es)
+        y = xs * scale
         d = np.rint(y)
         c = d / scale
         guard = c * 2.0 ** -48
-        ok_sure = ((np.abs(y - np.floor(y) - 0.5) > 2.0 ** -20)
-                   & (np.abs(c - lo[idx]) > guard) & (np.abs(c - hi[idx]) > guard))
-        sure[idx] &= ok_sure
-        inside = (c > lo[idx]) & (c < hi[idx])
-        return d, s, inside
+        ok = np.abs(y - np.floor(y) - 0.5) > 2.0 ** -20  # not a near-tie when rounding to p
+        ok &= np.abs(c - los) > guard
+        ok &= np.abs(c - his) > guard
+        if full:
+            np.logical_and(sure, ok, out=sure)
+        else:
+            sure[idx] &= ok
+        return d, (c > los) & (c < his)
 
-    # float32 always round-trips with 9 digits; try 8, then fewer while it still works
-    idx = np.arange(len(x))
-    d9, s9, in9 = attempt(idx, 9)
-    sure &= in9
-    best_d[:], best_s[:] = d9, s9
-    for p in range(8, 0, -1):
-        d, s, inside = attempt(idx, p)
-        idx = idx[inside]
-        if not len(idx):
+    # p digits round-trip => p + 1 digits do too; float32 always round-trips with 9
+    p_best = np.full(len(x), _FIRST_TRY, np.int64)
+    d_best, inside = attempt(None, _FIRST_TRY)
+    more = np.flatnonzero(~inside)
+    for p in range(_FIRST_TRY + 1, 10):
+        if not len(more):
             break
-        best_d[idx], best_s[idx] = d[inside], s[inside]
-    d = best_d.astype(np.int64)
-    s = best_s
+        d, inside = attempt(more, p)
+        if p == 9:
+            sure[more[~inside]] = False
+            inside[:] = True
+        d_best[more[inside]], p_best[more[inside]] = d[inside], p
+        more = more[~inside]
+    fewer = np.flatnonzero(p_best == _FIRST_TRY)
+    for p in range(_FIRST_TRY - 1, 0, -1):
+        if not len(fewer):
+            break
+        d, inside = attempt(fewer, p)
+        fewer = fewer[inside]
+        d_best[fewer], p_best[fewer] = d[inside], p
+    d = d_best.astype(np.int64)
+    s = p_best - 1 - e10
     while True:  # a carry (9.99.. -> 10) leaves trailing zeros; numpy prints none
-        tz = (d % 10 == 0) & (d > 0)
-        if not tz.any():
+        tz = np.flatnonzero(d % 10 == 0)
+        if not len(tz):
             break
         d[tz] //= 10
         s[tz] -= 1
     return d, s, sure
-
 
 
 def format_float32_rows(values: np.ndarray, tab_after: int | None = None) -> list[bytes]:
@@ -673,48 +692,66 @@ def format_float32_rows(values: np.ndarray, tab_after: int | None = None) -> lis
     """
     values = np.ascontiguousarray(values, np.float32)
     r, c = values.shape
+    n = r * c
     v32 = values.ravel()
-    x = np.abs(v32.astype(np.float64))
-    fast = (x >= 1.0001e-4) & (x < 1.0) & ((v32.view(np.uint32) & 0x7FFFFF) != 0)
-    idx = np.flatnonzero(fast)
-    d, s, sure = _shortest_digits(x[idx], np.abs(v32[idx]))
-    idx, d, s = idx[sure], d[sure], s[sure]
-    neg = np.signbit(v32)
-
-    rec = np.full((r * c, _REC), 48, np.uint8)  # ASCII '0'
-    lengths = np.zeros(r * c, np.int64)
-    words = rec.view(np.uint32)  # 4 words: digits land in bytes 7..15
-    words[idx, 3] = np.take(_T4, d % 10000)
-    words[idx, 2] = np.take(_T4, (d // 10000) % 10000)
-    rec[idx, 7] = 48 + d // 100000000
-    rec[idx, 15 - s] = 46  # '.'
-    rec[idx, 13 - s] = 45  # '-' (ignored unless negative)
-    lengths[idx] = 2 + s + neg[idx]
-    slow = np.ones(r * c, bool)
-    slow[idx] = False
-    for i in np.flatnonzero(slow).tolist():  # zeros, tiny/large values, powers of two, edge cases
+    with np.errstate(invalid="ignore"):
+        x = np.abs(v32.astype(np.float64))
+        fast = (x >= 1.0001e-4) & (x < 1.0) & ((v32.view(np.uint32) & 0x7FFFFF) != 0)
+    all_fast = bool(fast.all())
+    if all_fast:
+        d, s, sure = _shortest_digits(x, np.abs(v32))
+        fast = sure
+    else:
+        idx = np.flatnonzero(fast)
+        d = np.zeros(n, np.int64)
+        s = np.ones(n, np.int64)
+        d[idx], s[idx], sure = _shortest_digits(x[idx], np.abs(v32[idx]))
+        fast[idx] = sure
+    negative = np.signbit(v32)
+    lengths = s + 2
+    lengths += negative
+    rec = np.empty((n, _REC), np.uint8)
+    rec[:, :8] = 48  # ASCII '0'
+    words = rec.view(np.uint32)  # 4 words: the 9 digits of d land in bytes 7..15
+    np.take(_T4, d % 10000, out=words[:, 3])
+    d //= 10000
+    np.take(_T4, d % 10000, out=words[:, 2])
+    d //= 10000
+    rec[:, 7] += d.astype(np.uint8)
+    flat = rec.reshape(-1)
+    base = np.arange(_REC - 1, n * _REC, _REC)  # last byte of each record
+    base -= s
+    flat[base] = 46  # '.'
+    base -= 2
+    flat[base] = 45  # '-' (cut off unless negative)
+    for i in np.flatnonzero(~fast).tolist():  # zeros, tiny/large values, powers of two, edge cases
         t = str(v32[i]).encode()
         if len(t) > _REC - 1:
-            return [b" ".join(str(v).encode() for v in row[:tab_after]) +
-                    (b"\t" + b" ".join(str(v).encode() for v in row[tab_after:])
-                     if tab_after is not None else b"") for row in values]
+            return _format_rows_slow(values, tab_after)
         rec[i, _REC - len(t):] = np.frombuffer(t, np.uint8)
         lengths[i] = len(t)
-    sep = np.full((r, c), 32, np.uint8)
-    has_sep = np.ones((r, c), bool)
-    has_sep[:, 0] = False
+    sep = rec.reshape(r, c, _REC)[:, :, 0]
+    sep[:] = 32
     if tab_after is not None and 0 < tab_after < c:
         sep[:, tab_after] = 9
-    rec[:, 0] = sep.ravel()
     keep = np.arange(_REC) >= (_REC - lengths)[:, None]
-    keep[:, 0] = has_sep.ravel()
-    flat = rec[keep].tobytes()
-    row_ends = np.cumsum((lengths + has_sep.ravel()).reshape(r, c).sum(1)).tolist()
+    keep.reshape(r, c, _REC)[:, 1:, 0] = True  # a separator before every value but the first
+    out_bytes = rec[keep].tobytes()
+    lengths.reshape(r, c)[:, 1:] += 1
+    row_ends = np.cumsum(lengths.reshape(r, c).sum(1)).tolist()
     out, start = [], 0
     for end in row_ends:
-        out.append(flat[start:end])
+        out.append(out_bytes[start:end])
         start = end
     return out
+
+
+def _format_rows_slow(values: np.ndarray, tab_after: int | None) -> list[bytes]:
+    def join(row):
+        return b" ".join(str(v).encode() for v in row)
+    if tab_after is None:
+        return [join(row) for row in values]
+    return [join(row[:tab_after]) + b"\t" + join(row[tab_after:]) for row in values]
 
 
 # ----------------------------------------------------------------------------------------------

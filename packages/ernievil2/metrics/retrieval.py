@@ -36,6 +36,7 @@ __all__ = [
     "recall_row",
     "official_recall",
     "multi_caption_recall",
+    "percent_table",
     "format_table",
 ]
 
@@ -52,8 +53,8 @@ def _row_blocks(n: int, n_candidates: int, chunk_size: int | None) -> list[tuple
     if chunk_size is None:
         budget = max(2, min(MAX_CHUNK_ROWS, SCORE_BLOCK_BYTES // (4 * max(n_candidates, 1))))
         official = n // 10 if n % 10 == 0 else 0
-        size = official if 2 <= official <= max(budget, MAX_CHUNK_ROWS) and \
-            official * n_candidates * 4 <= 2 * SCORE_BLOCK_BYTES else budget
+        # the official's own blocks when near the budget: then the BLAS calls are identical
+        size = official if 2 <= official <= 2 * budget else budget
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -97,8 +98,8 @@ def _rank_positives(queries: np.ndarray, candidates: np.ndarray, positive: np.nd
         scores = queries[a:b] @ cand_t
         pos = scores[np.arange(b - a), positive[a:b]]
         positive_scores[a:b] = pos
-        query_ranks[a:b] = np.count_nonzero(scores > pos[:, None], axis=1)
-        candidate_ranks += np.count_nonzero(scores > threshold, axis=0)
+        query_ranks[a:b] = _count_true(scores > pos[:, None], axis=1)
+        candidate_ranks += _count_true(scores > threshold, axis=0)
 
     exact = np.full(m, -np.inf, np.float32)
     np.maximum.at(exact, positive, positive_scores)
@@ -106,8 +107,13 @@ def _rank_positives(queries: np.ndarray, candidates: np.ndarray, positive: np.nd
         candidate_ranks[:] = 0
         for a, b in blocks:
             scores = queries[a:b] @ cand_t
-            candidate_ranks += np.count_nonzero(scores > exact, axis=0)
+            candidate_ranks += _count_true(scores > exact, axis=0)
     return query_ranks, candidate_ranks
+
+
+def _count_true(mask: np.ndarray, axis: int) -> np.ndarray:
+    # summing the bytes is several times faster than count_nonzero(axis=...)
+    return mask.view(np.uint8).sum(axis=axis, dtype=np.int64)
 
 
 def _positive_thresholds(queries, candidates, positive, blocks) -> np.ndarray:
