@@ -1,0 +1,192 @@
+"""Benchmark retrieval evaluation: a naive full-matrix evaluator vs eval_retri.py.
+
+  python benchmarks/bench_eval.py [--lines 10000] [--dim 768] [--runs 3] [--out bench.json]
+                                  [--skip-naive] [--workdir DIR]
+
+Writes N lines of L2-normalised random embeddings in the inference output format (with its .npz
+sidecar), then measures, each run in its own subprocess (wall time, CPU time and peak RSS of
+that process from os.wait4):
+
+  naive      parse the text file line by line (float() per value, one float64 array per line,
+             then float32), score the full N x N matrix in 10 row blocks, count ranks by
+             comparison in both directions, print the table -- what the official script does
+  ours-text  eval_retri.py OUT --no-sidecar   (vectorised parse + blocked scoring)
+  ours-npz   eval_retri.py OUT                (loads OUT.npz)
+
+Runs are interleaved (naive, text, npz, naive, ...) so load changes hit all three alike; medians
+are reported. The three printed tables must be identical.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "packages"))
+
+from ernievil2.metrics.embeddings_io import write_embeddings  # noqa: E402
+
+NAIVE = r'''
+import sys
+import numpy as np
+from tabulate import tabulate
+
+def parse(path):
+    text, image = [], []
+    with open(path) as f:
+        for line in f:
+            t, i, _ = line.rstrip("\n").split("\t")
+            text.append(np.array([float(x) for x in t.split(" ")]))
+            image.append(np.array([float(x) for x in i.split(" ")]))
+    return np.array(text, dtype=np.float32), np.array(image, dtype=np.float32)
+
+def ranks(score, blocks=10):
+    n = score.shape[0]
+    k = n // blocks
+    out = []
+    for b in range(blocks):
+        x = score[b * k:(b + 1) * k]
+        rows = np.arange(k)
+        positive = np.take(x, (rows + b * k) + rows * score.shape[1])[:, None]
+        out.append((x > positive).sum(1))
+    return np.concatenate(out)
+
+def recalls(r):
+    n = float(len(r))
+    v = [(r < 1).sum() / n, (r < 5).sum() / n, (r < 10).sum() / n]
+    return v + [(v[0] + v[1] + v[2]) / 3.0]
+
+text, image = parse(sys.argv[1])
+n = len(text)
+assert n % 10 == 0
+k = n // 10
+score = np.concatenate([np.matmul(text[b * k:(b + 1) * k], image.T) for b in range(10)], 0)
+t2i, i2t = recalls(ranks(score)), recalls(ranks(score.T))
+table = [["Text2Image"] + [round(j * 100, 2) for j in t2i],
+         ["Image2Text"] + [round(j * 100, 2) for j in i2t],
+         ["MeanRecall"] + [round((t2i[i] + i2t[i]) / 2 * 100, 2) for i in range(4)]]
+print(tabulate(table, headers=["Name", "R@1", "R@5", "R@10", "meanRecall"], tablefmt="github",
+               floatfmt=".2f"))
+'''
+
+
+def generate(path: Path, n: int, dim: int, seed: int = 0) -> float:
+    """Normalised random pairs (image = text + noise, so recall is far from 0 and from 1)."""
+    rng = np.random.default_rng(seed)
+    text = rng.standard_normal((n, dim), dtype=np.float32)
+    image = text + np.float32(1.2) * rng.standard_normal((n, dim), dtype=np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    write_embeddings(path, text, image, sidecar=True)
+    return time.perf_counter() - t0
+
+
+def measure(cmd, workdir: Path) -> dict:
+    """Run cmd; wall time, CPU time and peak RSS of exactly that process."""
+    out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}): {err_path.read_text()}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024.0, "table": out_path.read_text()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lines", type=int, default=10000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--skip-naive", action="store_true",
+                   help="only eval_retri.py (the naive one needs ~4*N*N bytes of scores)")
+    p.add_argument("--workdir", help="where to write the embeddings file (default: a temp dir)")
+    args = p.parse_args(argv)
+    if not args.skip_naive and args.lines % 10:
+        p.error("the naive evaluator (like the official) needs --lines to be a multiple of 10")
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        emb = tmp / "embeddings.out"
+        write_s = generate(emb, args.lines, args.dim)
+        naive_py = tmp / "naive_eval.py"
+        naive_py.write_text(NAIVE)
+        cases = {
+            "naive": [sys.executable, str(naive_py), str(emb)],
+            "ours-text": [sys.executable, str(ROOT / "eval_retri.py"), str(emb), "--no-sidecar"],
+            "ours-npz": [sys.executable, str(ROOT / "eval_retri.py"), str(emb)],
+        }
+        if args.skip_naive:
+            del cases["naive"]
+        runs = {name: [] for name in cases}
+        load_before = os.getloadavg()
+        for _ in range(args.runs):
+            for name, cmd in cases.items():
+                runs[name].append(measure(cmd, tmp))
+        load_after = os.getloadavg()
+        file_mb = emb.stat().st_size / 2 ** 20
+        sidecar_mb = Path(str(emb) + ".npz").stat().st_size / 2 ** 20
+
+    tables = {name: r[0]["table"] for name, r in runs.items()}
+    identical = len(set(tables.values())) == 1 and all(
+        x["table"] == r[0]["table"] for r in runs.values() for x in r)
+    summary = {}
+    for name, r in runs.items():
+        summary[name] = {
+            "wall_s_median": statistics.median(x["wall_s"] for x in r),
+            "cpu_s_median": statistics.median(x["cpu_s"] for x in r),
+            "peak_rss_mb_median": statistics.median(x["peak_rss_mb"] for x in r),
+            "peak_rss_mb_max": max(x["peak_rss_mb"] for x in r),
+            "wall_s_runs": [round(x["wall_s"], 3) for x in r],
+        }
+    print(f"{args.lines} lines x {args.dim} dims: text file {file_mb:.0f} MB (written in "
+          f"{write_s:.1f} s), sidecar {sidecar_mb:.0f} MB; {args.runs} runs each; "
+          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print(f"{'case':10s} {'wall s':>8s} {'cpu s':>8s} {'peak MB':>8s}  runs (wall s)")
+    for name, s in summary.items():
+        print(f"{name:10s} {s['wall_s_median']:8.2f} {s['cpu_s_median']:8.2f} "
+              f"{s['peak_rss_mb_median']:8.0f}  {s['wall_s_runs']}")
+    ratios = {}
+    if "naive" in summary:
+        base = summary["naive"]
+        for name in ("ours-text", "ours-npz"):
+            ratios[name] = {
+                "time_vs_naive": summary[name]["wall_s_median"] / base["wall_s_median"],
+                "cpu_vs_naive": summary[name]["cpu_s_median"] / base["cpu_s_median"],
+                "memory_vs_naive": summary[name]["peak_rss_mb_median"] / base["peak_rss_mb_median"],
+            }
+            print(f"{name}: {ratios[name]['time_vs_naive']:.2f}x naive wall time, "
+                  f"{ratios[name]['cpu_vs_naive']:.2f}x its CPU time, "
+                  f"{ratios[name]['memory_vs_naive']:.2f}x its peak memory")
+        print("targets for ours-text: <= 0.30x time, <= 0.40x memory")
+    print("tables identical:", identical)
+    print(next(iter(tables.values())), end="")
+    if args.out:
+        result = {"lines": args.lines, "dim": args.dim, "runs": args.runs,
+                  "file_mb": file_mb, "sidecar_mb": sidecar_mb, "write_s": write_s,
+                  "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "numpy": np.__version__, "load_average_before": load_before,
+                  "load_average_after": load_after, "summary": summary, "ratios": ratios,
+                  "tables_identical": identical, "table": next(iter(tables.values())),
+                  "raw": {k: [{kk: vv for kk, vv in x.items() if kk != "table"} for x in v]
+                          for k, v in runs.items()}}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
