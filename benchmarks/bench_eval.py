@@ -82,7 +82,7 @@ def generate(path: Path, n: int, dim: int, seed: int = 0) -> float:
     """Normalised random pairs (image = text + noise, so recall is far from 0 and from 1)."""
     rng = np.random.default_rng(seed)
     text = rng.standard_normal((n, dim), dtype=np.float32)
-    image = text + np.float32(1.2) * rng.standard_normal((n, dim), dtype=np.float32)
+    image = text + np.float32(6.0) * rng.standard_normal((n, dim), dtype=np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     image /= np.linalg.norm(image, axis=1, keepdims=True)
     t0 = time.perf_counter()

@@ -46,6 +46,7 @@ def write_tsv(path, rows, newline="\n"):
 
 def tiny_config(tmp_path, **over):
     """A run config (key -> value) for the tiny towers, with its vocab/text config/TSV in tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rows = [(t, f"img{k}", k) for k, t in enumerate(
         ["红色的圆形", "a red circle", "蓝色方块", "green squares on the left", "黄色三角",
          "一个绿色的圆", "two blue squares", "红色方块在上"])]

@@ -62,7 +62,12 @@ PROJECT_KEYS = {
     "prefetch": Key(4, _is_int(1), "a positive int", "batches prepared ahead (bounded queue)"),
     "skip_bad_lines": Key(False, _bool, "true or false", "skip bad input lines and report them, instead of stopping"),
     "amp": Key("none", _one_of("none", "fp16", "bf16"), "none, fp16 or bf16", "mixed precision (GPU only; untested on CPU-only CI)"),
-    "execution": Key("eager", _one_of("eager", "to_static"), "eager or to_static", "eager, or compiled with paddle.jit.to_static"),
+    "execution": Key("eager", _one_of("eager", "to_static", "inference"), "eager, to_static or inference",
+                     "eager; compiled with paddle.jit.to_static; or inference: the exported towers in "
+                     "Paddle Inference predictors (oneDNN on CPU), the fastest on CPU"),
+    "export_dir": Key("", _str, "a path or empty",
+                      "execution inference: the export to run (made there if it holds none); "
+                      "empty = a cache folder per model (~/.cache/ernievil2/exports, or $ERNIEVIL2_EXPORT_CACHE)"),
     "write_sidecar": Key(True, _bool, "true or false", "also write OUTPUT.npz, which eval_retri.py reads faster"),
     "log_dir": Key("./log", _str, "a path", "run logs (and the launcher's logs under log_dir/launch)"),
     "seed": Key(0, _is_int(0), "an int >= 0", "random seed (random weights, augmentation, shuffling)"),

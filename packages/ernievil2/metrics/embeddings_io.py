@@ -46,7 +46,7 @@ SIDECAR_SUFFIX = ".npz"
 SIDECAR_VERSION = 1
 FINGERPRINT_BYTES = 64 * 1024  # hashed at each end of the text file
 READ_BLOCK_BYTES = 1 << 20  # ~1 MiB of whole lines per vectorised parse (temporaries stay small)
-WRITE_BLOCK_ROWS = 128
+WRITE_BLOCK_ROWS = 64  # rows formatted per vectorised call
 
 
 class EmbeddingFormatError(ValueError):
@@ -276,12 +276,14 @@ def _first_bad_float(toks) -> int:
 
 
 # --- vectorised parsing -----------------------------------------------------------------------
-# Every token of a well-formed line is [-+]?digits[.digits] with at most 15 significant digits
-# (float32 shortest repr has <= 9). Each token's last 16 bytes are loaded as two little-endian
-# uint64 words; the '.' is found and squeezed out with bit masks, and the 16 ASCII digits are
-# turned into an integer with the SWAR "eight digits at once" trick. value = mantissa / 10**k is
-# one correctly rounded float64 division of two exact numbers, i.e. exactly float(token).
-# Anything else (exponents, 'nan', > 15 digits, garbage) goes through float() per token.
+# A token's last 16 bytes are loaded as two little-endian uint64 words (the last byte of the
+# token is the top byte of the second word). Its digits, right-aligned and padded with ASCII '0',
+# become an integer with the SWAR "eight digits at once" trick, and value = mantissa / 10**k is
+# one correctly rounded float64 division of two exact numbers (mantissa < 10**15), i.e. exactly
+# float(token). Embedding values are almost all "[-]0.ddddddd": for those the digits after the
+# dot ARE the mantissa, so only the token bytes need masking. Other plain decimals go through a
+# general path that squeezes the dot out with bit masks; anything else (exponents, 'nan',
+# > 15 digits, garbage) through float() per token.
 
 _U64 = np.uint64
 _ALL = _U64(0xFFFFFFFFFFFFFFFF)
@@ -296,16 +298,83 @@ _MUL_100 = _U64(100 + (1000000 << 32))
 _MUL_1 = _U64(1 + (10000 << 32))
 _ONE, _FOUR, _SEVEN, _EIGHT = _U64(1), _U64(4), _U64(7), _U64(8)
 _TEN, _SIXTEEN, _THIRTYTWO, _FIFTYSIX = _U64(10), _U64(16), _U64(32), _U64(56)
+_HUNDRED_MILLION = _U64(100000000)
 _POW10 = 10.0 ** np.arange(23)  # exact in float64
 _PAD = 16
 
 
-class _TokenParser:
-    """Vectorised float parser with scratch buffers reused across blocks: every NumPy op writes
-    into an existing array, because allocating (and page-faulting) ~60 fresh temporaries per
-    block would cost more than the arithmetic itself."""
+def _word_views(padded: np.ndarray):
+    """words[i] = the 8 bytes padded[i:i+8] as a little-endian uint64 (unaligned view)."""
+    return np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
 
-    N_U64 = 12
+
+def _top_bytes(j):
+    """Mask of the top j bytes of a word (j: uint64 array in 0..8; shifts >= 64 give 0)."""
+    return _ALL << ((_EIGHT - j) * _EIGHT)
+
+
+def _digits_value(w0, w1, n_digits):
+    """(value of the last n_digits bytes of the 16-byte window w0|w1, all those bytes digits)."""
+    nd = np.clip(n_digits, 0, 16).astype(np.uint64)
+    keep1 = _top_bytes(np.minimum(nd, _EIGHT))
+    keep0 = _top_bytes(np.maximum(nd, _EIGHT) - _EIGHT)
+    w0 = ((w0 ^ _ASCII_ZEROS) & keep0) ^ _ASCII_ZEROS
+    w1 = ((w1 ^ _ASCII_ZEROS) & keep1) ^ _ASCII_ZEROS
+    ok = _all_digits(w0) & _all_digits(w1)
+    return _swar_8_digits(w0) * _HUNDRED_MILLION + _swar_8_digits(w1), ok
+
+
+def _swar_8_digits(w):
+    """8 ASCII digits (first digit in the lowest byte) -> their integer value."""
+    v = w - _ASCII_ZEROS
+    v = v * _TEN + (v >> _EIGHT)
+    return (((v & _LOW_BYTES) * _MUL_100) + (((v >> _SIXTEEN) & _LOW_BYTES) * _MUL_1)) >> _THIRTYTWO
+
+
+def _all_digits(w):
+    return ((w & _MF0) | (((w + _M06) & _MF0) >> _FOUR)) == _M33
+
+
+def _zero_bytes(x):
+    """0x80 in each byte of x that is 0x00 (exact, no false positives)."""
+    y = (x & _M7F) + _M7F
+    return ~(y | x | _M7F)
+
+
+def _parse_general(padded: np.ndarray, ends: np.ndarray, lengths: np.ndarray):
+    """Any [-+]?digits[.digits] token of <= 16 bytes and <= 15 digits: (values, ok)."""
+    words = _word_views(padded)
+    w0, w1 = words[ends], words[8:][ends]
+    ln = np.minimum(lengths, 16).astype(np.uint64)
+    tok1 = _top_bytes(np.minimum(ln, _EIGHT))
+    tok0 = _top_bytes(np.maximum(ln, _EIGHT) - _EIGHT)
+    d0 = _zero_bytes(w0 ^ _DOTS) & tok0  # 0x80 on each '.' byte of the token
+    d1 = _zero_bytes(w1 ^ _DOTS) & tok1
+    n_dots = np.bitwise_count(d0) + np.bitwise_count(d1)
+    in1, in0 = -(d1 != 0).astype(np.uint64), -(d0 != 0).astype(np.uint64)
+    # bytes above the dot stay, bytes below it (the integer part) move up one byte
+    hi1 = ~((d1 << _ONE) - _ONE) | ~in1
+    lo1 = ((d1 >> _SEVEN) - _ONE) & in1
+    hi0 = (~((d0 << _ONE) - _ONE) | ~in0) & ~in1
+    lo0 = in1 | (((d0 >> _SEVEN) - _ONE) & in0)
+    has_dot = n_dots > 0
+    frac_digits = ((np.bitwise_count(hi1 & tok1) + np.bitwise_count(hi0 & tok0)) >> 3) * has_dot
+    low0 = w0 & lo0
+    m0 = (low0 << _EIGHT) | (w0 & hi0)
+    m1 = ((w1 & lo1) << _EIGHT) | (w1 & hi1) | (low0 >> _FIFTYSIX)
+    first = padded[_PAD:][ends - lengths]
+    negative = first == 45  # '-'
+    n_digits = lengths - (negative | (first == 43)) - has_dot  # '+'
+    mantissa, ok = _digits_value(m0, m1, n_digits)
+    ok &= (lengths <= 16) & (n_dots <= 1) & (n_digits >= 1) & (n_digits <= 15)
+    values = mantissa.astype(np.float64) / np.take(_POW10, np.minimum(frac_digits, 22))
+    values[negative] *= -1.0
+    return values, ok
+
+
+class _TokenParser:
+    """Parser for "[-]0.ddd" tokens with scratch buffers reused across blocks: every NumPy op
+    writes into an existing array (fresh temporaries would page-fault on every block)."""
 
     def __init__(self):
         self.capacity = 0
@@ -313,148 +382,86 @@ class _TokenParser:
     def _reserve(self, n: int) -> None:
         if n > self.capacity:
             cap = int(n * 1.25) + 1024
-            self.u = [np.empty(cap, np.uint64) for _ in range(self.N_U64)]
-            self.f = np.empty(cap, np.float64)
-            self.i = np.empty(cap, np.int64)
+            self.u = [np.empty(cap, np.uint64) for _ in range(5)]
+            self.i = [np.empty(cap, np.int64) for _ in range(2)]
             self.b = [np.empty(cap, bool) for _ in range(3)]
-            self.c = [np.empty(cap, np.uint8) for _ in range(3)]
+            self.f = np.empty(cap, np.float64)
             self.capacity = cap
 
     def parse(self, padded: np.ndarray, ends: np.ndarray, lengths: np.ndarray):
         """Values of the tokens ending (exclusive) at ``ends`` (indices into ``padded[_PAD:]``).
 
-        Returns (float64 values, ok); ok is False where the token needs float().
-        The returned arrays are views of scratch buffers, valid until the next call.
+        Returns (float64 values, ok); ok is False where the token needs float(). The arrays
+        are scratch buffers, valid until the next call.
         """
         n = len(ends)
         self._reserve(n)
-        w0, w1, t0, t1, d0, d1, in0, in1, a, hi, lo, x = (u[:n] for u in self.u)
-        bb, bt, ok = (q[:n] for q in self.b)
-        n_dots, frac, tmp8 = (q[:n] for q in self.c)
-        ln = self.i[:n]
-        words = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
-        np.take(words, ends, out=w0)  # bytes [end-16, end-8) of the token's 16-byte window
-        np.take(words[8:], ends, out=w1)  # bytes [end-8, end): last byte = last char
-        np.minimum(lengths, 16, out=ln)
-        lnu = ln.view(np.uint64)
-        # t1 / t0: masks of the token's own bytes in w1 / w0
-        np.minimum(lnu, 8, out=t1)
-        np.subtract(8, t1, out=t1)
-        np.multiply(t1, 8, out=t1)
-        np.left_shift(_ALL, t1, out=t1)
-        np.maximum(lnu, 8, out=t0)
-        np.subtract(16, t0, out=t0)
-        np.multiply(t0, 8, out=t0)
-        np.left_shift(_ALL, t0, out=t0)
-        # d0 / d1: 0x80 on each '.' byte of the token
-        for w, t, d in ((w0, t0, d0), (w1, t1, d1)):
-            np.bitwise_xor(w, _DOTS, out=x)
-            np.bitwise_and(x, _M7F, out=a)
-            np.add(a, _M7F, out=a)
-            np.bitwise_or(a, x, out=a)
-            np.bitwise_or(a, _M7F, out=a)
-            np.invert(a, out=d)
-            np.bitwise_and(d, t, out=d)
-        np.bitwise_count(d0, out=n_dots)
-        np.bitwise_count(d1, out=tmp8)
-        np.add(n_dots, tmp8, out=n_dots)
-        for d, m in ((d0, in0), (d1, in1)):  # all-ones where the dot is in this word
-            np.not_equal(d, 0, out=bb)
-            np.copyto(m, bb)
-            np.negative(m, out=m)
-        # Squeeze the dot out: bytes above it stay, bytes below it move up one byte.
-        # word 1: hi = above the dot (all if the dot is not here), lo = below it
-        np.left_shift(d1, _ONE, out=hi)
-        np.subtract(hi, _ONE, out=hi)
-        np.invert(hi, out=hi)
-        np.invert(in1, out=x)
-        np.bitwise_or(hi, x, out=hi)  # ~((d1<<1)-1) | ~in1
-        np.right_shift(d1, _SEVEN, out=lo)
-        np.subtract(lo, _ONE, out=lo)
-        np.bitwise_and(lo, in1, out=lo)
-        # fraction digits = token bytes above the dot (0 without a dot)
-        np.bitwise_and(hi, t1, out=a)
-        np.bitwise_count(a, out=frac)
-        np.bitwise_and(w1, lo, out=a)  # w1: integer-part bytes shifted up by one
-        np.left_shift(a, _EIGHT, out=a)
-        np.bitwise_and(w1, hi, out=w1)
-        np.bitwise_or(w1, a, out=w1)
-        # word 0: above the dot only if the dot is in word 0; below it entirely if in word 1
-        np.left_shift(d0, _ONE, out=hi)
-        np.subtract(hi, _ONE, out=hi)
-        np.invert(hi, out=hi)
-        np.bitwise_xor(in0, _ALL, out=a)
-        np.bitwise_or(hi, a, out=hi)
-        np.bitwise_xor(in1, _ALL, out=a)
-        np.bitwise_and(hi, a, out=hi)  # (~((d0<<1)-1) | ~in0) & ~in1
-        np.right_shift(d0, _SEVEN, out=lo)
-        np.subtract(lo, _ONE, out=lo)
-        np.bitwise_and(lo, in0, out=lo)
-        np.bitwise_or(lo, in1, out=lo)  # in1 | (((d0>>7)-1) & in0)
-        np.bitwise_and(hi, t0, out=a)
-        np.bitwise_count(a, out=tmp8)
-        np.add(frac, tmp8, out=frac)
-        np.right_shift(frac, 3, out=frac)
-        np.greater(n_dots, 0, out=bt)  # has a dot
-        np.multiply(frac, bt, out=frac)
-        np.bitwise_and(w0, lo, out=lo)  # integer bytes of word 0
-        np.right_shift(lo, _FIFTYSIX, out=a)  # its top byte crosses into word 1
-        np.bitwise_or(w1, a, out=w1)
-        np.bitwise_and(w0, hi, out=w0)
-        np.left_shift(lo, _EIGHT, out=a)
-        np.bitwise_or(w0, a, out=w0)
-        # sign and digit count
-        first = padded[_PAD:][ends - lengths]
-        negative = np.equal(first, 45, out=bb)  # '-'
-        n_digits = ln  # reuse: lengths - sign - dot
-        np.copyto(n_digits, lengths)
-        np.subtract(n_digits, negative, out=n_digits)
-        np.subtract(n_digits, first == 43, out=n_digits)  # '+'
-        np.subtract(n_digits, bt, out=n_digits)
-        np.less_equal(lengths, 16, out=ok)
-        np.logical_and(ok, np.less_equal(n_dots, 1, out=bt), out=ok)
-        np.logical_and(ok, np.greater_equal(n_digits, 1, out=bt), out=ok)
-        np.logical_and(ok, np.less_equal(n_digits, 15, out=bt), out=ok)
-        np.clip(n_digits, 0, 16, out=n_digits)
-        nd = n_digits.view(np.uint64)
-        # keep the n_digits lowest digits, pad above them with ASCII '0'
-        for w, lo_bound in ((w1, None), (w0, 8)):
-            if lo_bound is None:
-                np.minimum(nd, 8, out=t1)
+        w0, w1, mask, x, y = (u[:n] for u in self.u)
+        k, pos = (q[:n] for q in self.i)
+        negative, ok, tmp = (q[:n] for q in self.b)
+        b = padded[_PAD:]
+        # k = digits after "0." (or "-0."), if the token has that shape
+        np.subtract(ends, lengths, out=pos)
+        np.take(b, pos, out=x.view(np.uint8)[:n])  # first byte
+        np.equal(x.view(np.uint8)[:n], 45, out=negative)  # '-'
+        np.subtract(lengths, 2, out=k)
+        np.subtract(k, negative, out=k)
+        np.subtract(ends, k, out=pos)
+        pos -= 1
+        np.take(b, pos, out=x.view(np.uint8)[:n])
+        np.equal(x.view(np.uint8)[:n], 46, out=ok)  # '.' right before the k digits
+        pos -= 1
+        np.take(b, pos, out=x.view(np.uint8)[:n])
+        np.equal(x.view(np.uint8)[:n], 48, out=tmp)  # '0' before it
+        ok &= tmp
+        np.greater_equal(k, 1, out=tmp)
+        ok &= tmp
+        np.less_equal(k, 15, out=tmp)
+        ok &= tmp
+        np.clip(k, 0, 15, out=k)
+        words = _word_views(padded)
+        np.take(words, ends, out=w0)  # bytes [end-16, end-8) of the token's window
+        np.take(words[8:], ends, out=w1)  # bytes [end-8, end)
+        ku = k.view(np.uint64)
+        for w, second in ((w1, True), (w0, False)):  # keep the k digits, '0' above them
+            if second:
+                np.minimum(ku, _EIGHT, out=mask)
             else:
-                np.maximum(nd, 8, out=t1)
-                np.subtract(t1, 8, out=t1)
-            np.subtract(8, t1, out=t1)
-            np.multiply(t1, 8, out=t1)
-            np.left_shift(_ALL, t1, out=t1)
-            np.bitwise_xor(w, _ASCII_ZEROS, out=w)
-            np.bitwise_and(w, t1, out=w)
-            np.bitwise_xor(w, _ASCII_ZEROS, out=w)
-            # all 8 bytes must be ASCII digits
-            np.bitwise_and(w, _MF0, out=a)
-            np.add(w, _M06, out=x)
-            np.bitwise_and(x, _MF0, out=x)
-            np.right_shift(x, _FOUR, out=x)
-            np.bitwise_or(a, x, out=a)
-            np.logical_and(ok, np.equal(a, _M33, out=bt), out=ok)
-            # SWAR: 8 ASCII digits -> integer
-            np.subtract(w, _ASCII_ZEROS, out=w)
+                np.maximum(ku, _EIGHT, out=mask)
+                mask -= _EIGHT
+            np.subtract(_EIGHT, mask, out=mask)
+            mask *= _EIGHT
+            np.left_shift(_ALL, mask, out=mask)
+            w ^= _ASCII_ZEROS
+            w &= mask
+            w ^= _ASCII_ZEROS
+            np.bitwise_and(w, _MF0, out=x)  # all 8 bytes ASCII digits?
+            np.add(w, _M06, out=y)
+            y &= _MF0
+            y >>= _FOUR
+            x |= y
+            np.equal(x, _M33, out=tmp)
+            ok &= tmp
+            w -= _ASCII_ZEROS  # SWAR: 8 digits -> integer
             np.right_shift(w, _EIGHT, out=x)
-            np.multiply(w, _TEN, out=w)
-            np.add(w, x, out=w)
+            w *= _TEN
+            w += x
             np.right_shift(w, _SIXTEEN, out=x)
-            np.bitwise_and(x, _LOW_BYTES, out=x)
-            np.multiply(x, _MUL_1, out=x)
-            np.bitwise_and(w, _LOW_BYTES, out=w)
-            np.multiply(w, _MUL_100, out=w)
-            np.add(w, x, out=w)
-            np.right_shift(w, _THIRTYTWO, out=w)
-        np.multiply(w0, _U64(100000000), out=w0)
-        np.add(w0, w1, out=w0)
+            x &= _LOW_BYTES
+            x *= _MUL_1
+            w &= _LOW_BYTES
+            w *= _MUL_100
+            w += x
+            w >>= _THIRTYTWO
+        w0 *= _HUNDRED_MILLION
+        w0 += w1
         values = self.f[:n]
         np.copyto(values, w0, casting="unsafe")  # exact: < 10**15
-        np.divide(values, np.take(_POW10, np.minimum(frac, 22)), out=values)
+        values /= np.take(_POW10, k)
         values[negative] *= -1.0  # exact; keeps -0.0
+        if not ok.all():  # other plain decimals ("1.0", "12", ".5"): the general path
+            rest = np.flatnonzero(~ok)
+            values[rest], ok[rest] = _parse_general(padded, ends[rest], lengths[rest])
         return values, ok
 
 
@@ -613,7 +620,9 @@ def write_embeddings(path, text, image, line_numbers=None, sidecar: bool = True)
 # rounding could decide a comparison, powers of two (asymmetric interval) and all other ranges
 # use str() itself, so the output is always exactly str(np.float32(x)).
 
-_T4 = np.array([int.from_bytes(b"%04d" % i, "little") for i in range(10000)], np.uint32)
+# _T4[i] = the 4 ASCII digits of i (zero-padded, first digit in the lowest byte) as a uint32
+_T4 = sum((48 + np.arange(10000, dtype=np.uint32) // 10 ** (3 - k) % 10) << np.uint32(8 * k)
+          for k in range(4)).astype(np.uint32)
 _POW10_NEG = 10.0 ** -np.arange(0, 40, dtype=np.float64)  # 10**-k, for finding exponents
 _REC = 16  # record per value: byte 0 = separator before it, value right-aligned in bytes 1..15
 _FIRST_TRY = 7  # most float32 embedding values need 7 or 8 significant digits

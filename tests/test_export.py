@@ -1,0 +1,153 @@
+"""Exported towers (Paddle Inference, and ONNX when paddle2onnx is installed) and the standalone
+deploy encoder agree with the eager model, for any batch size and text length."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+from conftest import ROOT
+from ernievil2.config import load_config
+from ernievil2.deploy_encoder import DeployEncoder, ExportError, read_export_meta
+from ernievil2.engine.infer import build_for_inference
+from ernievil2.export import export_from_config
+from ernievil2.transforms import decode_image
+from helpers import make_image, tiny_config
+
+ATOL = 1e-5
+TEXTS = ["红色的圆形", "a red circle on the left", "蓝色方块", "two blue squares and a green circle"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = load_config(None, tiny_config(tmp).items())
+    out = tmp / "export"
+    export_from_config(cfg, str(out))
+    model, transform, encode_texts = build_for_inference(cfg)  # same seed: the same weights
+    return cfg, str(out), model, transform
+
+
+def eager(model, fn, x):
+    with paddle.no_grad():
+        return getattr(model, fn)(paddle.to_tensor(x)).numpy()
+
+
+def test_export_folder_holds_both_towers_the_vocab_and_the_standalone_encoder(exported):
+    _, out, _, _ = exported
+    names = set(os.listdir(out))
+    assert {"image.json", "image.pdiparams", "text.json", "text.pdiparams", "vocab.txt",
+            "encoder.json", "deploy_encoder.py", "transforms.py", "tokenizer.py"} <= names
+    meta = read_export_meta(out)
+    assert meta["embed_dim"] == 64 and meta["image"]["image_size"] == 32
+    assert meta["text"]["max_seq_len"] == 16 and meta["source"]["fingerprint"]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_predictors_match_eager_for_any_batch_size(exported, batch):
+    _, out, model, _ = exported
+    enc = DeployEncoder(out, device="cpu")
+    pixels = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(enc.run_image(pixels), eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 7), (4, 16), (3, 40)])
+def test_predictors_match_eager_for_any_text_length(exported, shape):
+    _, out, model, _ = exported
+    enc = DeployEncoder(out, device="cpu")
+    ids = np.random.default_rng(shape[1]).integers(5, 64, shape)
+    ids[:, 0] = 1
+    ids[0, max(1, shape[1] // 2):] = 0  # a padded row
+    np.testing.assert_allclose(enc.run_text(ids), eager(model, "encode_text", ids), atol=ATOL, rtol=0)
+
+
+def test_encoder_preprocesses_raw_inputs_as_the_pipeline(exported):
+    cfg, out, model, transform = exported
+    enc = DeployEncoder(out, device="cpu", text_padding="max_length")
+    images = [make_image(s) for s in range(3)]
+    pixels = np.stack([transform(decode_image(b)) for b in images])
+    np.testing.assert_allclose(enc.encode_images(images, batch_size=2),
+                               eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
+    from ernievil2.engine.infer import build_tokenizer
+    ids = build_tokenizer(cfg).batch_encode(TEXTS, padding="max_length")
+    emb = enc.encode_texts(TEXTS)
+    np.testing.assert_allclose(emb, eager(model, "encode_text", ids), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_copied_export_folder_runs_without_the_repository(exported, tmp_path):
+    _, out, model, transform = exported
+    img = tmp_path / "img.png"
+    img.write_bytes(make_image(7))
+    script = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); import deploy_encoder as d;"
+        "d.main([sys.argv[1], '--device', 'cpu', '--text', *json.loads(sys.argv[2]), "
+        "'--image', sys.argv[3], '--save', sys.argv[4]]);"
+        "assert not [m for m in sys.modules if m.startswith('ernievil2')], 'used the repository'")
+    saved = tmp_path / "emb.npz"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", script, out, json.dumps(TEXTS[:2]), str(img), str(saved)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 text(s), 1 image(s), dim 64" in r.stdout
+    got = np.load(saved)
+    pixels = transform(decode_image(img.read_bytes()))[None]
+    np.testing.assert_allclose(got["image"], eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
+    assert got["text"].shape == (2, 64)
+
+
+def test_unfinished_export_is_rejected_naming_the_file(exported, tmp_path):
+    with pytest.raises(ExportError, match="encoder.json: not found"):
+        DeployEncoder(tmp_path)
+    _, out, _, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.load(open(copy / "encoder.json"))
+    meta["image"]["params"] = "missing.pdiparams"
+    (copy / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="image.params file .*missing.pdiparams is missing"):
+        read_export_meta(copy)
+    meta["version"] = 99
+    (copy / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="version 99"):
+        read_export_meta(copy)
+
+
+def test_export_cli_writes_a_verified_export(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "export_model.py"), str(path),
+                        "infer_batch_size=4", "--out", str(out), "--verify"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = read_export_meta(out)["verified_max_abs_diff"]
+    assert set(diffs) == {"image", "text"} and max(diffs.values()) <= ATOL
+
+
+def test_onnx_export_matches_eager(exported, tmp_path):
+    pytest.importorskip("paddle2onnx", reason="paddle2onnx is optional (pip install paddle2onnx onnxruntime)")
+    ort = pytest.importorskip("onnxruntime")
+    from ernievil2.export import export_onnx
+    _, out, model, _ = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    meta = export_onnx(str(copy))
+    assert read_export_meta(copy)["onnx"]["image"] == "image.onnx"
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(copy / meta["onnx"]["image"]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"images": pixels})[0],
+                               eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
+    sess = ort.InferenceSession(str(copy / meta["onnx"]["text"]), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3), (3, 11)]:  # dynamic batch and length
+        ids = rng.integers(5, 64, shape).astype(np.int64)
+        ids[:, 0] = 1
+        np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0],
+                                   eager(model, "encode_text", ids), atol=ATOL, rtol=0)
