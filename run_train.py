@@ -4,7 +4,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "packages"))
 
+from ernievil2.cli import run_main  # noqa: E402
 from ernievil2.train.loop import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

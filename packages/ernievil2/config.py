@@ -2,6 +2,7 @@
 the project's own keys. Every key is declared once here, with its default and check; an unknown
 key or a bad value is an error naming the key (the official AttrDict accepted anything).
 """
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -124,7 +125,12 @@ def load_config(path=None, overrides=(), schema=None):
     where = path or "config"
     unknown = sorted(set(data) - set(schema))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(schema)}")
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, schema, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; every key is listed in "
+                          "packages/configs/ernie_vil_base.yaml and the README")
     cfg = Config({k: spec.default for k, spec in schema.items()})
     for k, v in data.items():
         if not schema[k].check(v):
