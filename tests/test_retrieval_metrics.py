@@ -123,8 +123,19 @@ def test_image_to_text_recount_when_prepass_rounds_differently(monkeypatch):
     np.testing.assert_array_equal(i2t, ref_i2t)
 
 
+def test_non_finite_embeddings_are_rejected():
+    text = np.eye(4, dtype=np.float32)
+    bad = text.copy()
+    bad[2, 1] = np.nan  # NaN compares False, so it would silently count as a hit
+    with pytest.raises(ValueError, match="NaN"):
+        official_recall(bad, text)
+    with pytest.raises(ValueError, match="same shape"):
+        official_recall(text, text[:3])
+
+
 def test_row_blocks_follow_official_blocks_and_avoid_single_rows():
-    assert retrieval._row_blocks(10000, 10000, None) == [(a, a + 1000) for a in range(0, 10000, 1000)]
+    official_blocks = [(a, a + 1000) for a in range(0, 10000, 1000)]
+    assert retrieval._row_blocks(10000, 10000, None) == official_blocks
     assert retrieval._row_blocks(23, 23, None) == [(0, 23)]
     assert retrieval._row_blocks(5, 5, 2) == [(0, 2), (2, 5)]
     blocks = retrieval._row_blocks(100_001, 100_001, None)

@@ -84,7 +84,7 @@ class TowerPredictor:
     """
 
     def __init__(self, model_file, params_file, device="cpu", num_threads=None, precision="fp32",
-                 gpu_id=0, gpu_memory_mb=256, onednn=True):
+                 gpu_id=0, gpu_memory_mb=256, onednn=True, onednn_cache_capacity=1):
         import paddle.inference as pi
 
         if precision not in PRECISIONS:
@@ -102,6 +102,11 @@ class TowerPredictor:
                                  "CPU has AVX512-BF16)")
             if onednn or precision == "bf16":
                 config.enable_mkldnn()
+                # oneDNN caches kernels and re-laid-out weights per input shape (a tower's worth
+                # of memory for each text length seen); keep only the last few shapes.
+                config.set_mkldnn_cache_capacity(int(onednn_cache_capacity))
+            else:
+                config.disable_mkldnn()
             if precision == "bf16":
                 config.enable_mkldnn_bfloat16()
         else:

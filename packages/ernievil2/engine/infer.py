@@ -94,7 +94,11 @@ def model_towers(cfg, model, amp="none"):
                 return fn(paddle.to_tensor(x)).astype("float32").numpy()
         return run
 
-    return Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim)
+    towers = Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim)
+    if cfg.execution == "to_static":  # compile now (start-up), not in the first batch
+        towers.encode_image(np.zeros([1, 3, size, size], np.float32))
+        towers.encode_text(np.full([1, 2], cfg.cls_token, cfg.input_dtype))
+    return towers
 
 
 def inference_towers(cfg, place, amp, rank, world):

@@ -261,8 +261,8 @@ def _parse_block_lines(buf: bytes, dim: int, path: str, first_line_no: int):
             ids[i] = int(cols[2])
         except ValueError:
             raise EmbeddingFormatError(
-                f"{path}:{line_no}: column 3 must be an integer (the official writes 1, we write the "
-                f"input line number), found {cols[2].decode('utf-8', 'replace')!r}") from None
+                f"{path}:{line_no}: column 3 must be an integer (the official writes 1, we write "
+                f"the input line number), found {cols[2].decode('utf-8', 'replace')!r}") from None
     return values, ids
 
 

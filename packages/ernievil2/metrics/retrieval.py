@@ -30,7 +30,6 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_KS",
-    "TABLE_HEADERS",
     "paired_ranks",
     "multi_caption_ranks",
     "recall_row",
@@ -41,7 +40,6 @@ __all__ = [
 ]
 
 DEFAULT_KS = (1, 5, 10)
-TABLE_HEADERS = ["Name", "R@1", "R@5", "R@10", "meanRecall"]  # the official table
 MAX_CHUNK_ROWS = 1024
 SCORE_BLOCK_BYTES = 64 << 20  # float32 scores of one block of query rows
 PREPASS_ROWS = 512  # rows per positive-score block of the pre-pass (few BLAS calls)
@@ -71,6 +69,8 @@ def _check_embeddings(name: str, a) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {a.shape}")
     if a.dtype != np.float32:  # the official scores float32 embeddings
         a = a.astype(np.float32)
+    if not np.isfinite(a).all():  # NaN compares False: it would count as a hit
+        raise ValueError(f"{name} embeddings contain NaN or infinite values")
     return np.ascontiguousarray(a)
 
 
@@ -221,7 +221,8 @@ def percent_table(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """The official table: tabulate github format, two decimals, values in percent."""
+    """The official table: tabulate github format, two decimals, values in percent; headers
+    "Name" and the row keys (official: R@1, R@5, R@10, meanRecall)."""
     from tabulate import tabulate
 
     if not rows:
