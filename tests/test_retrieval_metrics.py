@@ -110,9 +110,9 @@ def test_image_to_text_recount_when_prepass_rounds_differently(monkeypatch):
     # if BLAS rounds a positive score differently in the pre-pass, the exact recount must win
     real = retrieval._positive_thresholds
 
-    def off_by_one_ulp(*args):
+    def off_by_one_ulp(*args):  # one ulp low: exact ties would wrongly count as "above"
         t = real(*args)
-        return np.nextafter(t, np.float32(np.inf))
+        return np.nextafter(t, np.float32(-np.inf))
 
     monkeypatch.setattr(retrieval, "_positive_thresholds", off_by_one_ulp)
     rng = np.random.default_rng(9)

@@ -21,7 +21,7 @@ def embed_file(model, path, transform, encode_texts, batch_size=64, num_workers=
 
 def validate(model, path, transform, encode_texts, batch_size=64, num_workers=2):
     """{'official': rows, 'multi_caption': rows}: rows name -> {R@1, R@5, R@10, meanRecall} in %."""
-    from ..metrics.retrieval import multi_caption_recall, official_recall
+    from ..metrics.retrieval import multi_caption_recall, official_recall, percent_table
 
     was_training = model.training
     model.eval()
@@ -30,5 +30,5 @@ def validate(model, path, transform, encode_texts, batch_size=64, num_workers=2)
     finally:
         if was_training:
             model.train()
-    return {"official": official_recall(text, image),
-            "multi_caption": multi_caption_recall(text, image, ids)}
+    return {"official": percent_table(official_recall(text, image)),
+            "multi_caption": percent_table(multi_caption_recall(text, image, ids))}
