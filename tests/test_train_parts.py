@@ -143,3 +143,20 @@ def test_image_text_temperature_is_the_model_parameter_under_its_official_name()
     model.contrastive_loss_mm.temperature_b.set_value(paddle.full([1], 9.0))
     loss.clamp_()
     assert model.contrastive_loss_mm.temperature_b.item() == pytest.approx(4.6052)
+
+
+def test_validation_reports_both_protocols_in_percent(tmp_path):
+    from ernievil2.train.validate import validate
+    paddle.seed(0)
+    model = create_model(dict(TINY_VIT), dict(TINY_ERNIE))
+    model.train()
+    tok = ErnieTokenizer.from_file(write_vocab(tmp_path / "v.txt"), max_seq_len=16)
+    res = validate(model, write_train_tsv(tmp_path / "val.tsv"), make_eval_transform(32),
+                   lambda t: tok.batch_encode(t, padding="longest"), batch_size=5, num_workers=0)
+    assert model.training  # restored
+    assert set(res) == {"official", "multi_caption"}
+    for rows in res.values():
+        assert set(rows) == {"Text2Image", "Image2Text", "MeanRecall"}
+        assert all(0 <= v <= 100 for row in rows.values() for v in row.values())
+    # 6 images x 2 captions: multi-caption I2T R@10 covers all 6 images
+    assert res["multi_caption"]["Image2Text"]["R@10"] == 100.0
