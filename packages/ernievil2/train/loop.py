@@ -91,6 +91,9 @@ class Trainer:
                        if not p.stop_gradient]
         micro = cfg.micro_batch_size
         self.micro = micro if 0 < micro < self.local_batch else 0
+        # fp16 needs loss scaling; GradCache's separate backward passes do not use it (use bf16).
+        self.scaler = (paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15)
+                       if self.amp == "fp16" and not self.micro else None)
         self.freeze_bn = (cfg.freeze_bn_stats is True or
                           (cfg.freeze_bn_stats == "auto" and self.micro and has_batchnorm(self.model.visual)))
         size, mean, std = image_preprocess_spec(cfg.image_model, cfg.image_size)
@@ -141,8 +144,17 @@ class Trainer:
             freeze_batchnorm_stats(self.model.visual)
 
     def _encoders(self):
-        enc_img = lambda x: self.model.encode_image(paddle.to_tensor(x))  # noqa: E731
-        enc_txt = lambda x: self.model.encode_text(paddle.to_tensor(x))  # noqa: E731
+        def wrap(encode):
+            def run(x):
+                if self.amp == "none":
+                    return encode(paddle.to_tensor(x))
+                # Mixed precision on GPUs: towers in fp16/bf16, the loss in fp32 (untested on the
+                # CPU-only CI machines).
+                with paddle.amp.auto_cast(level="O1", dtype="float16" if self.amp == "fp16" else "bfloat16"):
+                    out = encode(paddle.to_tensor(x))
+                return out.astype("float32")
+            return run
+        enc_img, enc_txt = wrap(self.model.encode_image), wrap(self.model.encode_text)
         return {v: enc_img if v in IMAGE_VIEWS else enc_txt for v in self.views}
 
     def train_step(self, batch):
@@ -154,11 +166,15 @@ class Trainer:
         else:
             feats = {v: encoders[v](batch[v]) for v in self.views}
             total, raw = self.loss_head(feats, ids=ids)
-            total.backward()
+            (self.scaler.scale(total) if self.scaler else total).backward()
             info = {"loss": float(total), **{k: float(v) for k, v in raw.items()}}
         if self.world > 1:
-            all_reduce_gradients(self.params, average=True)
-        self.optimizer.step()
+            all_reduce_gradients(self.params, average=True)  # linear: fine on scaled gradients
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # unscales, skips the step on inf/nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.clear_grad()
         self.loss_head.clamp_()
         return info
