@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast clean-demo
 
+include mk/flickr8k.mk
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt

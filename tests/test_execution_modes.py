@@ -75,3 +75,22 @@ def test_inference_rejects_an_export_for_another_image_size(tmp_path):
     vit48 = dict(tiny_config(tmp_path)["image_model"], image_size=48)
     with pytest.raises(ValueError, match="image_size 32"):
         run_mode(tmp_path / "b", execution="inference", export_dir=export_dir, image_model=vit48)
+
+
+@pytest.mark.slow
+def test_inference_with_two_processes_matches_eager(tmp_path, eager):
+    """Rank 0 makes the export while rank 1 waits; both then run it (run_infer.sh 0,1)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+    cfg = tiny_config(tmp_path, execution="inference", export_dir=str(tmp_path / "export"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    r = subprocess.run(["bash", str(ROOT / "run_infer.sh"), "0,1", str(path)], capture_output=True,
+                       text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+                                                     "LAUNCH_LOG_DIR": str(tmp_path / "launch")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_embeddings(read_embeddings(cfg["output_file"]), eager)

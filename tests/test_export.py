@@ -151,3 +151,30 @@ def test_onnx_export_matches_eager(exported, tmp_path):
         ids[:, 0] = 1
         np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0],
                                    eager(model, "encode_text", ids), atol=ATOL, rtol=0)
+
+
+def _cpu_has_bf16():
+    try:
+        return bool(paddle.base.core.supports_bfloat16())
+    except AttributeError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU has no bfloat16 support (AVX512-BF16/AMX)")
+def test_bf16_on_cpu_stays_close_to_fp32(exported):
+    """bf16 (oneDNN on CPUs that have it; the GPU path is untested here): cosine >= 0.999."""
+    _, out, _, _ = exported
+    fp32, bf16 = DeployEncoder(out, device="cpu"), DeployEncoder(out, device="cpu", precision="bf16")
+    rng = np.random.default_rng(1)
+    pixels = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    ids = rng.integers(5, 64, (4, 12))
+    ids[:, 0] = 1
+    for a, b in ((fp32.run_image(pixels), bf16.run_image(pixels)), (fp32.run_text(ids), bf16.run_text(ids))):
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() >= 0.999
+        assert np.abs(a - b).max() > 0  # bf16 did run (fp32 would agree exactly)
+
+
+def test_fp16_on_cpu_is_refused_with_a_clear_error(exported):
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        DeployEncoder(exported[1], device="cpu", precision="fp16")

@@ -1,7 +1,7 @@
 """Frozen-feature retrieval baseline for a train/val TSV pair (e.g. Flickr8k-CN).
 
     python tools/baseline_frozen.py TRAIN.tsv VAL.tsv [--weights NPZ] [--image-size 224]
-        [--dim 256] [--epochs 60] [--batch 128] [--lr 2e-3] [--weight-decay 0.05] [--seed 0]
+        [--dim 256] [--epochs 4] [--batch 64] [--lr 5e-3] [--weight-decay 0.05] [--seed 0]
         [--cache DIR] [--out RESULT.json]
 
 Image side: the ImageNet EfficientNet-Lite0's pooled 1280-d features (frozen; computed once per
@@ -11,7 +11,10 @@ bigrams with begin/end markers, the vocabulary from the training captions; TF we
 normalised), then a linear map (an embedding bag). Both maps are trained with the symmetric
 InfoNCE loss (learnable temperature, CLIP targets) by AdamW on Paddle, and scored on VAL with the
 project's metric code (ernievil2.metrics.retrieval) in the official one-to-one protocol and the
-multi-caption protocol. This is what the recipe's towers must beat.
+multi-caption protocol (in percent). This is what the recipe's towers must beat.
+
+The defaults (4 epochs, batch 64, lr 5e-3) were chosen on 113 images held out of the Flickr8k-CN
+TRAINING split, never on val: longer training overfits (30 epochs: -3 points there).
 """
 import argparse
 import hashlib
@@ -29,7 +32,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ernievil2.data.tsv import DataError, iter_records, record_image_bytes  # noqa: E402
-from ernievil2.metrics.retrieval import multi_caption_recall, official_recall  # noqa: E402
+from ernievil2.metrics.retrieval import (  # noqa: E402
+    multi_caption_recall,
+    official_recall,
+    percent_table,
+)
 from ernievil2.transforms import HALF_MEAN, HALF_STD, decode_image, make_eval_transform  # noqa: E402
 
 DEFAULT_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "data" / "efficientnet_lite0"
@@ -201,8 +208,9 @@ def train_and_eval(train_x, train_ids, train_w, val_x, val_ids_t, val_w, val_ima
     with paddle.no_grad():
         img = model.encode_image(paddle.to_tensor(val_x)).numpy()
         txt = model.encode_text(paddle.to_tensor(val_ids_t), paddle.to_tensor(val_w)).numpy()
-    return {"official": official_recall(txt, img),
-            "multi_caption": multi_caption_recall(txt, img, val_image_ids),
+    # in percent, as the trainer's validation records and eval_retri.py
+    return {"official": percent_table(official_recall(txt, img)),
+            "multi_caption": percent_table(multi_caption_recall(txt, img, val_image_ids)),
             "final_loss": float(loss) if loss is not None else None}
 
 
@@ -237,7 +245,7 @@ def run(args, progress=True):
 
 def summary(result):
     def pct(row):
-        return " ".join(f"{k} {100 * v:.2f}" for k, v in row.items())
+        return " ".join(f"{k} {v:.2f}" for k, v in row.items())
     lines = []
     for proto in ("official", "multi_caption"):
         for name, row in result[proto].items():
@@ -254,9 +262,9 @@ def build_parser():
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="EfficientNet-Lite0 ImageNet npz")
     ap.add_argument("--image-size", type=int, default=224, help="eval-transform size (default 224)")
     ap.add_argument("--dim", type=int, default=256, help="joint space width")
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--min-count", type=int, default=1, help="n-grams seen fewer times are dropped")
     ap.add_argument("--seed", type=int, default=0)

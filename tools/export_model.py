@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
 from ernievil2.config import ConfigError, load_config  # noqa: E402
+from ernievil2.device import select_device  # noqa: E402
 from ernievil2.export import ONNX_OPSET, export_from_config  # noqa: E402
 
 VERIFY_TOLERANCE = 1e-5  # fp32: exported and eager agree to rounding
@@ -37,6 +38,7 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         p.error(str(e))
+    select_device(cfg.device)  # trace on the device the config names (export where you deploy)
     meta = export_from_config(cfg, args.out, onnx=args.onnx, opset=args.opset, verify=args.verify)
     files = sorted(os.listdir(args.out))
     print(f"exported to {args.out}: {', '.join(files)}")

@@ -90,8 +90,8 @@ def _sha256_file(path):
 
 def config_fingerprint(cfg):
     """What the exported weights and programs depend on, hashed: the model keys, the text config's
-    content, the checkpoint file (path, size, mtime) or the seed of random weights, the model code
-    and Paddle's version. Computed without building the model, so a cache hit skips building it."""
+    content, the checkpoint file (path, size, mtime) or the seed of random weights, the model code,
+    Paddle's version and the device kind it is traced on. Computed without building the model, so a cache hit skips building it."""
     ckpt = cfg.init_from_params
     if ckpt:
         st = os.stat(ckpt)
@@ -105,6 +105,8 @@ def config_fingerprint(cfg):
         "image_model": cfg.image_model, "image_size": cfg.image_size, "embed_dim": cfg.embed_dim,
         "input_dtype": cfg.input_dtype, "text_model_config": _sha256_file(cfg.text_model_config),
         "weights": weights, "model_code": code.hexdigest(), "paddle": paddle.__version__,
+        # a GPU trace may hold GPU-only kernels (e.g. flash attention): one export per device kind
+        "device": paddle.device.get_device().split(":")[0],
     }
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

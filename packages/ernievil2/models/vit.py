@@ -43,7 +43,14 @@ class Attention(nn.Layer):
 
     def forward(self, x):
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape([b, n, 3, self.heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        qkv = self.qkv(x).reshape([b, n, 3, self.heads, self.head_dim])
+        if not self.training:
+            # Paddle's fused attention where it has one (flash attention on GPUs in fp16/bf16);
+            # on CPU it runs the same ops as below, with the same result.
+            q, k, v = qkv.unbind(axis=2)  # [B, N, heads, head_dim] each
+            out = F.scaled_dot_product_attention(q, k, v, training=False)
+            return self.proj(out.reshape([b, n, c]))
+        qkv = qkv.transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
         out = paddle.matmul(self.attn_drop(attn), v).transpose([0, 2, 1, 3]).reshape([b, n, c])

@@ -1,0 +1,190 @@
+"""Ablation of the multi-view training on a real split: views and targets, several seeds each.
+
+    python benchmarks/ablation.py --out-dir DIR [--config packages/configs/flickr8k_cn_lite0.yaml]
+        [--rows it,it+ii,it+tt,it+tags,it-unicl,recipe] [--seeds 0,1,2] [--steps 90] [--resume]
+        [key=value ...]
+
+Each (row, seed) is one `bash run_train.sh 0 CONFIG ...` run (the user's own entry point) with
+the row's `views`/`targets`, `seed`, `max_steps` and validation only at the end; every row runs
+the same number of optimizer steps on the same batches (seeded sampler). Its final validation
+(train.jsonl) is kept. Written to DIR (atomically, after every run, so a partial ablation still
+has a table): ablation.json (every run: recall rows in both protocols, seconds) and ablation.md
+(per row mean ± sample std over seeds of the multi-caption mean recall, its Text2Image and
+Image2Text R@1, the official-protocol mean recall, and the seconds per run). --resume skips runs
+already in ablation.json. Trailing key=value pairs go to every run (e.g. image_size=128).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IT = ["image", "text", 1.0]
+# name -> (description, views, targets). Rows add one view to image-text, or switch the targets.
+ROWS = {
+    "it": ("image-text", [IT], "clip"),
+    "it+ii": ("+ image-image", [IT, ["image", "image_aug", 0.5]], "clip"),
+    "it+tt": ("+ text-text", [IT, ["text", "text_aug", 0.5]], "clip"),
+    "it+tags": ("+ image-tags", [IT, ["image", "tags", 0.5]], "clip"),
+    "it-unicl": ("image-text, UniCL targets", [IT], "unicl"),
+    "recipe": ("image-text + text-text + image-tags, UniCL (the recipe's views)",
+               [IT, ["text", "text_aug", 0.5], ["image", "tags", 0.5]], "unicl"),
+    "all-clip": ("all views, CLIP targets", [IT, ["image", "image_aug", 0.5],
+                                             ["text", "text_aug", 0.5], ["image", "tags", 0.5]], "clip"),
+    "all-unicl": ("all views, UniCL targets", [IT, ["image", "image_aug", 0.5],
+                                               ["text", "text_aug", 0.5], ["image", "tags", 0.5]], "unicl"),
+}
+DEFAULT_ROWS = "it,it+ii,it+tt,it+tags,it-unicl,recipe"
+
+
+def final_validation(run_dir):
+    """The last validation record of a run's train.jsonl, or None."""
+    path = Path(run_dir) / "train.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if "validation" in rec:
+            last = rec
+    return last
+
+
+def run_one(config, row, seed, steps, run_dir, extra, log_path):
+    _, views, targets = ROWS[row]
+    overrides = [f"views={json.dumps(views)}", f"targets={targets}", f"seed={seed}",
+                 f"max_steps={steps}", f"val_every={steps}", f"save_every={steps}",
+                 f"output_dir={run_dir}", f"log_dir={run_dir}", "keep_last=1", *extra]
+    cmd = ["bash", str(ROOT / "run_train.sh"), "0", str(config), *overrides]
+    t0 = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.time() - t0
+    if proc.returncode:
+        raise RuntimeError(f"run {row} seed {seed} failed (exit {proc.returncode}); see {log_path}")
+    val = final_validation(run_dir)
+    if val is None or val["step"] != steps:
+        raise RuntimeError(f"run {row} seed {seed}: no final validation in {run_dir}/train.jsonl")
+    return {"row": row, "seed": seed, "steps": steps, "seconds": round(seconds, 1),
+            "validation": val["validation"]}
+
+
+def metrics_of(run):
+    v = run["validation"]  # the trainer's validation record: recall in percent
+    mc, off = v["multi_caption"], v["official"]
+    return {"mc_mean": mc["MeanRecall"]["meanRecall"],
+            "mc_t2i_r1": mc["Text2Image"]["R@1"],
+            "mc_i2t_r1": mc["Image2Text"]["R@1"],
+            "official_mean": off["MeanRecall"]["meanRecall"],
+            "seconds": run["seconds"]}
+
+
+def mean_std(values):
+    n = len(values)
+    m = sum(values) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1)) if n > 1 else 0.0
+    return m, s
+
+
+COLUMNS = [("mc_mean", "mean recall (multi-caption)"), ("mc_t2i_r1", "T2I R@1"),
+           ("mc_i2t_r1", "I2T R@1"), ("official_mean", "mean recall (official)")]
+
+
+def summarize(runs, rows):
+    table = []
+    for row in rows:
+        got = [metrics_of(r) for r in runs if r["row"] == row]
+        if not got:
+            continue
+        entry = {"row": row, "description": ROWS[row][0], "targets": ROWS[row][2],
+                 "seeds": len(got)}
+        for key in [k for k, _ in COLUMNS] + ["seconds"]:
+            m, s = mean_std([g[key] for g in got])
+            entry[key] = {"mean": round(m, 2), "std": round(s, 2)}
+        table.append(entry)
+    return table
+
+
+def markdown(table, meta):
+    head = ["row", "views", "targets", "seeds"] + [c for _, c in COLUMNS] + ["s/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [e["row"], e["description"], e["targets"], str(e["seeds"])]
+        cells += [f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}" for k, _ in COLUMNS]
+        cells.append(f"{e['seconds']['mean']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = (f"\nVal recall in %, mean ± sample std over seeds; {meta['steps']} steps per run; "
+             f"config {meta['config']}; overrides {meta['overrides'] or 'none'}. "
+             "R@1 columns are the multi-caption protocol.\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--out-dir", required=True, help="runs, logs, ablation.json and ablation.md")
+    ap.add_argument("--config", default=str(ROOT / "packages" / "configs" / "flickr8k_cn_lite0.yaml"))
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {list(ROWS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=90, help="optimizer steps per run")
+    ap.add_argument("--resume", action="store_true", help="skip runs already in ablation.json")
+    ap.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = ap.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "ablation.json", out / "ablation.md"
+    meta = {"config": args.config, "steps": args.steps, "overrides": args.overrides,
+            "rows": rows, "seeds": seeds}
+    runs = []
+    if args.resume and json_path.is_file():
+        runs = [r for r in json.loads(json_path.read_text(encoding="utf-8"))["runs"]
+                if r["steps"] == args.steps]
+    done = {(r["row"], r["seed"]) for r in runs}
+    todo = [(row, seed) for row in rows for seed in seeds if (row, seed) not in done]
+    t_start = time.time()
+    for i, (row, seed) in enumerate(todo, 1):
+        run_dir = out / "runs" / f"{row}_seed{seed}"
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)  # a fresh run, never a resumed half
+        run_dir.mkdir(parents=True)
+        print(f"[{i}/{len(todo)}] {row} seed {seed} ...", flush=True)
+        run = run_one(args.config, row, seed, args.steps, run_dir, args.overrides,
+                      out / f"{row}_seed{seed}.log")
+        runs.append(run)
+        m = metrics_of(run)
+        print(f"    mean recall {m['mc_mean']:.2f} (multi-caption), {m['official_mean']:.2f} "
+              f"(official); {run['seconds']:.0f} s", flush=True)
+        table = summarize(runs, rows)
+        write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},
+                                           indent=1, ensure_ascii=False) + "\n")
+        write_atomic(md_path, markdown(table, meta))
+    table = summarize(runs, rows)
+    write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},
+                                       indent=1, ensure_ascii=False) + "\n")
+    write_atomic(md_path, markdown(table, meta))
+    print(markdown(table, meta))
+    print(f"{len(todo)} runs in {time.time() - t_start:.0f} s; {json_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
