@@ -7,7 +7,6 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast clean-demo
 
-include mk/flickr8k.mk
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +36,6 @@ test-fast: setup
 
 clean-demo:
 	rm -rf demo_out
+
+# Flickr8k-CN recipe on real photos (make flickr8k / flickr8k-baseline / flickr8k-ablation)
+include mk/flickr8k.mk
