@@ -226,7 +226,8 @@ def tower_worker(mode, config, tsv, overrides, batches):
     info = {}
     t0 = time.perf_counter()
     if cfg.execution == "inference":
-        info["export_cached"] = is_complete(cfg.export_dir or os.path.join(cache_root(), config_fingerprint(cfg)))
+        target = cfg.export_dir or os.path.join(cache_root(), config_fingerprint(cfg))
+        info["export_cached"] = is_complete(target)
         transform, encode_texts = infer.build_preprocess(cfg)
         towers = infer.inference_towers(cfg, place, amp, 0, 1)
     else:
@@ -362,7 +363,8 @@ def tables(res):
         rows = [[k, fmt(v["image_per_s"]), fmt(v["text_per_s"], 1), v["text_len"],
                  fmt(v["startup_s"], 1), fmt(v["image_first_call_s"], 1), fmt(v["peak_rss_mb"], 0),
                  fmt(v["other_load_cores"])] for k, v in res["towers"].items()]
-        parts.append("Towers (one batch of the TSV, batch size of the config; median of timed calls):\n\n" + tabulate(
+        parts.append("Towers (one batch of the TSV at the config's batch size; median of timed "
+                     "calls):\n\n" + tabulate(
             rows, headers=["mode", "images/s", "texts/s", "text len", "start-up s",
                            "1st image call s", "peak MB", "others' load"], tablefmt="github"))
     if res.get("preprocess"):
@@ -377,7 +379,8 @@ def tables(res):
         rows = []
         if ev["on_e2e_output"]:
             e = ev["on_e2e_output"]
-            rows.append([e["lines"], "e2e output (text)", fmt(e["wall_s"]), fmt(e["peak_rss_max_process_mb"], 0)])
+            rows.append([e["lines"], "e2e output (text)", fmt(e["wall_s"]),
+                         fmt(e["peak_rss_max_process_mb"], 0)])
         for n, s in ev["synthetic"].items():
             for case in ("ours-text", "ours-npz"):
                 rows.append([n, case, fmt(s[case]["wall_s_median"]), fmt(s[case]["peak_rss_mb_median"], 0)])

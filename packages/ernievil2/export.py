@@ -91,7 +91,8 @@ def _sha256_file(path):
 def config_fingerprint(cfg):
     """What the exported weights and programs depend on, hashed: the model keys, the text config's
     content, the checkpoint file (path, size, mtime) or the seed of random weights, the model code,
-    Paddle's version and the device kind it is traced on. Computed without building the model, so a cache hit skips building it."""
+    Paddle's version and the device kind it is traced on. Computed without building the model,
+    so a cache hit skips building it."""
     ckpt = cfg.init_from_params
     if ckpt:
         st = os.stat(ckpt)
