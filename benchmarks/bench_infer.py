@@ -220,9 +220,7 @@ def tower_worker(mode, config, tsv, overrides, batches):
 
     mode_over, _ = MODES[mode]
     cfg = load_config(config, list(overrides) + [f"{k}={v}" for k, v in mode_over.items()])
-    place, amp = select_device(cfg.device, cfg.amp)
-    if place == "cpu" and os.environ.get("MKL_DEBUG_CPU_TYPE") != "":
-        infer.use_fast_mkl_kernels_on_amd()
+    place, amp = select_device(cfg.device, cfg.amp)  # also picks MKL's fast kernels on AMD
     info = {}
     t0 = time.perf_counter()
     if cfg.execution == "inference":

@@ -119,23 +119,6 @@ def inference_towers(cfg, place, amp, rank, world):
     return Towers(tower["image"], tower["text"], int(meta["embed_dim"]))
 
 
-def use_fast_mkl_kernels_on_amd():
-    """MKL (Paddle's CPU BLAS for eager and to_static) picks slow generic kernels on AMD CPUs;
-    MKL_DEBUG_CPU_TYPE=5 makes it use its AVX2 ones (measured 2-2.5x faster matmuls on the dev
-    machine's AMD EPYC). Read by MKL at its first call, so this must run before any compute.
-    A value set by the user is left alone; Intel CPUs ignore it; oneDNN does not use it."""
-    if "MKL_DEBUG_CPU_TYPE" in os.environ:
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            amd = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
-    except OSError:
-        return False
-    if amd:
-        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
-    return amd
-
-
 def _autocast(amp):
     if amp == "none":
         return contextlib.nullcontext()
@@ -191,8 +174,6 @@ def run(cfg):
     rank, world = init_distributed()
     logger, log_path = setup_logging(cfg.log_dir, "infer.log", rank)
     place, amp = select_device(cfg.device, cfg.amp)
-    if place == "cpu" and use_fast_mkl_kernels_on_amd():
-        logger.info("AMD CPU: MKL_DEBUG_CPU_TYPE=5 (MKL's fast kernels; see engine/infer.py)")
     logger.info("config: %s", dict(cfg))
     logger.info("device %s, %d process(es), amp %s, execution %s", place, world, amp, cfg.execution)
     if not os.path.isfile(cfg.test_file):
