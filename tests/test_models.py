@@ -96,3 +96,30 @@ def test_preprocessing_follows_the_tower():
 def test_lite_towers_get_half_statistics_however_named():
     assert image_preprocess_spec({"type": "efficientnet", "name": "lite0"})[1] == (0.5, 0.5, 0.5)
     assert image_preprocess_spec({"type": "efficientnet", "name": "b0"})[1] == (0.485, 0.456, 0.406)
+
+
+def test_mean_pooling_averages_the_non_padding_tokens_and_ignores_padding():
+    paddle.seed(0)
+    t = ErnieTextModel(**{**TINY_ERNIE, "pooling": "mean"})
+    t.eval()
+    ids = paddle.to_tensor([[1, 7, 8, 9, 2]], dtype="int64")
+    padded = paddle.to_tensor([[1, 7, 8, 9, 2, 0, 0, 0]], dtype="int64")
+    out = t(ids).numpy()
+    np.testing.assert_allclose(out, t(padded).numpy(), atol=1e-6)
+    # the same weights with [CLS] pooling give another vector: the option is really used
+    paddle.seed(0)
+    cls = ErnieTextModel(**TINY_ERNIE)
+    cls.eval()
+    cls.set_state_dict(t.state_dict())
+    assert not np.allclose(out, cls(ids).numpy(), atol=1e-3)
+    # and the mean is over the hidden states of the 5 real tokens
+    hidden = []
+    t.encoder_stack.block[-1].register_forward_post_hook(lambda layer, inp, o: hidden.append(o))
+    t(padded)
+    np.testing.assert_allclose(out, hidden[0].numpy()[:, :5].mean(1), atol=1e-6)
+    assert set(t.state_dict()) == set(cls.state_dict())  # one checkpoint layout for both
+
+
+def test_unknown_pooling_is_an_error():
+    with pytest.raises(ValueError, match="pooling"):
+        ErnieTextModel(**{**TINY_ERNIE, "pooling": "max"})

@@ -39,7 +39,11 @@ class ErnieViL2(nn.Layer):
         return self.visual.image_size
 
     def encode_image(self, images, normalize=True):
-        x = self.visual(images)
+        return self.project_image(self.visual(images), normalize)
+
+    def project_image(self, tower_features, normalize=True):
+        """The head on the image tower's output (training from cached frozen features uses it)."""
+        x = tower_features
         if self.visual_proj is not None:
             x = self.visual_proj(x)
         return F.normalize(x, axis=-1) if normalize else x

@@ -109,7 +109,7 @@ class MultiViewBatcher:
 
     def __init__(self, index, views, tokenizer, train_transform, eval_transform, seed,
                  rank=0, world_size=1, text_aug="mask", text_mask_prob=0.15, augment=True,
-                 num_workers=2, id_source="image_id"):
+                 num_workers=2, id_source="image_id", feature_cache=None):
         self.index, self.views, self.tok = index, set(views), tokenizer
         self.train_tf, self.eval_tf = train_transform, eval_transform
         self.seed, self.rank, self.world = seed, rank, world_size
@@ -117,6 +117,9 @@ class MultiViewBatcher:
         self.ids = index.label_index if id_source == "label" else index.image_index
         self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
         self._files = {}
+        # With a frozen-feature cache (feature_cache.py) the image views are cached features of
+        # K fixed views instead of pixels: no image is decoded during training.
+        self.cache = feature_cache
 
     def local_rows(self, global_rows):
         b = len(global_rows) // self.world
@@ -134,15 +137,19 @@ class MultiViewBatcher:
     def _sample(self, epoch, row):
         rng = np.random.default_rng([self.seed, epoch, int(row)])
         line_no, fields = self.index.read(self._file(), row)
-        try:
-            img = decode_image(decode_b64(fields[2]))
-        except ValueError as e:
-            raise DataError(self.index.path, line_no, str(e)) from None
         out = {"text": fields[0]}
-        if "image" in self.views:
-            out["image"] = self.train_tf(img, rng) if self.augment else self.eval_tf(img)
-        if "image_aug" in self.views:
-            out["image_aug"] = self.train_tf(img, rng) if self.augment else self.eval_tf(img)
+        image_views = [v for v in ("image", "image_aug") if v in self.views]
+        if image_views and self.cache is not None:
+            drawn = self.cache.draw_views(rng, len(image_views)) if self.augment else [0, 0]
+            for v, k in zip(image_views, drawn):
+                out[v] = int(k)
+        elif image_views:
+            try:
+                img = decode_image(decode_b64(fields[2]))
+            except ValueError as e:
+                raise DataError(self.index.path, line_no, str(e)) from None
+            for v in image_views:
+                out[v] = self.train_tf(img, rng) if self.augment else self.eval_tf(img)
         if "text_aug" in self.views:
             out["text_aug"] = self._other_caption(row, rng) if self.text_aug == "other_caption" else None
         if "tags" in self.views:
@@ -184,7 +191,9 @@ class MultiViewBatcher:
         samples = list(self.pool.map(fn, rows)) if self.pool else [fn(r) for r in rows]
         out = {"ids": self.ids[rows], "rows": np.asarray(rows)}
         for v in ("image", "image_aug"):
-            if v in self.views:
+            if v in self.views and self.cache is not None:
+                out[v] = self.cache.take(self.index.image_index[rows], [s[v] for s in samples])
+            elif v in self.views:
                 out[v] = np.stack([s[v] for s in samples])
         text_ids = [self.tok.encode(s["text"]) for s in samples]
         if "text" in self.views:

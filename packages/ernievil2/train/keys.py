@@ -33,6 +33,10 @@ TRAIN_KEYS = {
     "grad_clip_norm": Key(0.0, _is_num(0), "a number", "global gradient norm clip; 0 = off"),
     "freeze_image_tower": Key(False, _bool, "true or false", "keep the image tower fixed (LiT)"),
     "freeze_text_tower": Key(False, _bool, "true or false", "keep the text tower fixed"),
+    "image_feature_cache": Key(0, _is_int(0), "an int >= 0",
+                               "with freeze_image_tower: run the frozen tower once on K fixed views of each "
+                               "training image (view 0 eval transform, 1..K-1 augmented) and train from "
+                               "those features; 0 = run the tower every step"),
     "freeze_bn_stats": Key("auto", _one_of("auto", True, False), "auto, true or false",
                            "BatchNorm on running statistics; auto = when GradCache is on (BN cannot be exact there)"),
     "views": Key([["image", "text", 1.0]], _is_pairs, "a list of [view_a, view_b, weight]",

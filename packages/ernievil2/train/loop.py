@@ -27,6 +27,7 @@ from ..tokenizer import ErnieTokenizer
 from ..transforms import make_eval_transform, make_train_transform
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
+from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, get_rng_states, gradcache_step, set_rng_states
 from .optim import build_optimizer, freeze, lr_at
 from .validate import validate
@@ -108,10 +109,14 @@ class Trainer:
         self.index = TrainIndex(cfg.train_file, need_tags="tags" in views,
                                 need_labels=cfg.targets == "unicl" and cfg.unicl_key == "label")
         self.sampler = EpochSampler(len(self.index), cfg.batch_size, cfg.seed)
+        if cfg.image_feature_cache and not cfg.freeze_image_tower:
+            raise ValueError("image_feature_cache needs freeze_image_tower: true (a trained tower's "
+                             "features change every step, so they cannot be cached)")
         self.batcher = MultiViewBatcher(
             self.index, views, self.tok, self.train_tf, self.eval_tf, cfg.seed, self.rank,
             self.world, cfg.text_aug, cfg.text_mask_prob, cfg.augment, cfg.num_workers,
             id_source=cfg.unicl_key)
+        self.feature_cache = None
         self.logger.info("config: %s", dict(cfg))
         self.logger.info("%d process(es) on %s; global batch %d (%d per process%s); views %s; "
                          "pairs %s; targets %s", self.world, self.place, cfg.batch_size,
@@ -132,6 +137,12 @@ class Trainer:
             self.step, self.best = state["step"], state["best"]
             set_rng_states(state["rng"])
             self.logger.info("resumed from %s at step %d", resume, self.step)
+        if cfg.image_feature_cache and any(v in IMAGE_VIEWS for v in views):
+            # after any resume: the cache must hold the features of the tower actually trained
+            self.feature_cache = ImageFeatureCache.build(
+                self.model.visual, self.index, cfg.image_feature_cache, self.train_tf, self.eval_tf,
+                cfg.seed, self.rank, self.world, batch_size=cfg.val_batch_size, pool=self.batcher.pool)
+            self.batcher.cache = self.feature_cache
 
     # -- one step ---------------------------------------------------------------------------
     def _set_modes(self):
@@ -154,7 +165,8 @@ class Trainer:
                     out = encode(paddle.to_tensor(x))
                 return out.astype("float32")
             return run
-        enc_img, enc_txt = wrap(self.model.encode_image), wrap(self.model.encode_text)
+        enc_img = wrap(self.model.project_image if self.feature_cache else self.model.encode_image)
+        enc_txt = wrap(self.model.encode_text)
         return {v: enc_img if v in IMAGE_VIEWS else enc_txt for v in self.views}
 
     def train_step(self, batch):
