@@ -108,3 +108,26 @@ def test_two_processes_share_the_cache_work_and_train_like_one(tmp_path):
     assert set(one) == set(two)
     for k in one:
         np.testing.assert_allclose(np.asarray(one[k]), np.asarray(two[k]), atol=2e-5, err_msg=k)
+
+
+def test_cache_dir_reuses_a_matching_cache_and_rebuilds_on_any_change(tmp_path):
+    idx = TrainIndex(write_train_tsv(tmp_path / "t.tsv", n_images=3, captions=1))
+    tf, ev = make_train_transform(32), make_eval_transform(32)
+    tower = tiny_tower()
+
+    def get(tower=tower, k=2, seed=1):
+        return ImageFeatureCache.load_or_build(str(tmp_path / "c"), tower, idx, k, tf, ev, seed,
+                                               progress=False)
+    first = get()
+    files = sorted((tmp_path / "c").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"
+    np.save(files[0], first.features + 1.0)  # a marker: a reused cache is read, not recomputed
+    np.testing.assert_array_equal(get().features, first.features + 1.0)
+    get(k=3)
+    get(seed=2)
+    other = tiny_tower()
+    for p in other.parameters():
+        p.set_value(p + 0.01)
+        break
+    get(tower=other)
+    assert len(list((tmp_path / "c").iterdir())) == 4  # K, seed and weights are in the key

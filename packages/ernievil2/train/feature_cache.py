@@ -8,8 +8,15 @@ sees the same features) and keeps the [images, K, features] array in memory. A s
 is then one of the K cached views of its image, drawn by the sample's own generator, and only the
 projection head (and the text tower) is trained. Each process computes a share of the images and
 the shares are all-gathered, so K views cost one pass over the data however many processes run.
+
+`image_feature_cache_dir` keeps the array on disk under a fingerprint of everything it depends on
+(training file, tower weights, K, seed, transforms), so runs that differ only in what they train
+(an ablation, another seed of the text tower with the same cache seed) compute it once.
 """
+import hashlib
+import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -17,11 +24,32 @@ import paddle
 from tqdm import tqdm
 
 from ..data.tsv import DataError, decode_b64
-from ..distributed import all_gather_no_grad, is_distributed
+from ..distributed import all_gather_no_grad, all_gather_object, is_distributed
 from ..transforms import decode_image
 
 log = logging.getLogger("ernievil2.train")
 CACHE_STREAM = 7_919  # separates the cache's augmentation draws from the training samples'
+FORMAT_VERSION = 1  # bump when the meaning of a cached view changes
+
+
+def fingerprint(tower, index, views_per_image, train_transform, eval_transform, seed):
+    """Hex digest of what the cached features depend on; any change gives another file."""
+    st = os.stat(index.path)
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "version": FORMAT_VERSION, "file": os.path.abspath(index.path), "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns, "views": int(views_per_image), "seed": int(seed),
+        "train": _describe(train_transform), "eval": _describe(eval_transform),
+    }, sort_keys=True).encode())
+    for name, value in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value.numpy()).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _describe(transform):
+    items = {k: v for k, v in vars(transform).items() if k != "rng"} if hasattr(transform, "__dict__") else {}
+    return f"{type(transform).__name__}:{sorted((k, repr(v)) for k, v in items.items())}"
 
 
 def view_generator(seed, image, view):
@@ -45,6 +73,31 @@ class ImageFeatureCache:
 
     def take(self, images, views):
         return self.features[np.asarray(images), np.asarray(views)]
+
+    @classmethod
+    def load_or_build(cls, cache_dir, tower, index, views_per_image, train_transform,
+                      eval_transform, seed, rank=0, world_size=1, **build_kw):
+        """`build`, or the file a previous run with the same fingerprint saved in `cache_dir`
+        (written by rank 0 to a temporary name, then renamed)."""
+        if not cache_dir:
+            return cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
+                             rank, world_size, **build_kw)
+        key = fingerprint(tower, index, views_per_image, train_transform, eval_transform, seed)
+        path = os.path.join(cache_dir, f"image_features_{key}.npy")
+        # rank 0 decides for everyone: building is collective, so all ranks must take one branch
+        if all_gather_object(os.path.isfile(path))[0]:
+            features = np.load(path)
+            log.info("frozen image features from %s %s", path, features.shape)
+            return cls(features)
+        cache = cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
+                          rank, world_size, **build_kw)
+        if rank == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}.npy"
+            np.save(tmp, cache.features)
+            os.replace(tmp, path)
+            log.info("saved the frozen image features to %s", path)
+        return cache
 
     @classmethod
     def build(cls, tower, index, views_per_image, train_transform, eval_transform, seed,

@@ -37,6 +37,9 @@ TRAIN_KEYS = {
                                "with freeze_image_tower: run the frozen tower once on K fixed views of each "
                                "training image (view 0 eval transform, 1..K-1 augmented) and train from "
                                "those features; 0 = run the tower every step"),
+    "image_feature_cache_dir": Key("", _str, "a path or empty",
+                                   "keep the image_feature_cache array here, reused by runs with the "
+                                   "same file, tower, K, seed and transforms"),
     "freeze_bn_stats": Key("auto", _one_of("auto", True, False), "auto, true or false",
                            "BatchNorm on running statistics; auto = when GradCache is on (BN cannot be exact there)"),
     "views": Key([["image", "text", 1.0]], _is_pairs, "a list of [view_a, view_b, weight]",
