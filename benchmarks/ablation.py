@@ -1,8 +1,8 @@
 """Ablation of the multi-view training on a real split: views and targets, several seeds each.
 
     python benchmarks/ablation.py --out-dir DIR [--config packages/configs/flickr8k_cn_lite0.yaml]
-        [--rows it,it+ii,it+tt,it+tags,it-unicl,recipe] [--seeds 0,1,2] [--steps 90] [--resume]
-        [key=value ...]
+        [--rows it,it+ii,it+tt,it+tags,it-unicl,recipe] [--seeds 0,1,2] [--steps 300] [--resume]
+        [--jobs 1] [key=value ...]
 
 Each (row, seed) is one `bash run_train.sh 0 CONFIG ...` run (the user's own entry point) with
 the row's `views`/`targets`, `seed`, `max_steps` and validation only at the end; every row runs
@@ -12,14 +12,19 @@ has a table): ablation.json (every run: recall rows in both protocols, seconds) 
 (per row mean ± sample std over seeds of the multi-caption mean recall, its Text2Image and
 Image2Text R@1, the official-protocol mean recall, and the seconds per run). --resume skips runs
 already in ablation.json. Trailing key=value pairs go to every run (e.g. image_size=128).
+--jobs N runs N trainings at once after the first one (which builds any shared feature cache):
+eager training of a small text tower keeps about one core busy, so 2 jobs use a 2-core machine.
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--config", default=str(ROOT / "packages" / "configs" / "flickr8k_cn_lite0.yaml"))
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {list(ROWS)}")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=90, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once (after the first)")
     ap.add_argument("--resume", action="store_true", help="skip runs already in ablation.json")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
@@ -160,23 +166,33 @@ def main(argv=None):
     done = {(r["row"], r["seed"]) for r in runs}
     todo = [(row, seed) for row in rows for seed in seeds if (row, seed) not in done]
     t_start = time.time()
-    for i, (row, seed) in enumerate(todo, 1):
+    lock = threading.Lock()
+
+    def one(i, row, seed):
         run_dir = out / "runs" / f"{row}_seed{seed}"
         if run_dir.exists():
-            import shutil
             shutil.rmtree(run_dir)  # a fresh run, never a resumed half
         run_dir.mkdir(parents=True)
         print(f"[{i}/{len(todo)}] {row} seed {seed} ...", flush=True)
         run = run_one(args.config, row, seed, args.steps, run_dir, args.overrides,
                       out / f"{row}_seed{seed}.log")
-        runs.append(run)
         m = metrics_of(run)
-        print(f"    mean recall {m['mc_mean']:.2f} (multi-caption), {m['official_mean']:.2f} "
-              f"(official); {run['seconds']:.0f} s", flush=True)
-        table = summarize(runs, rows)
-        write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},
-                                           indent=1, ensure_ascii=False) + "\n")
-        write_atomic(md_path, markdown(table, meta))
+        with lock:
+            runs.append(run)
+            print(f"    [{i}/{len(todo)}] {row} seed {seed}: mean recall {m['mc_mean']:.2f} "
+                  f"(multi-caption), {m['official_mean']:.2f} (official); {run['seconds']:.0f} s",
+                  flush=True)
+            table = summarize(runs, rows)
+            write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},
+                                               indent=1, ensure_ascii=False) + "\n")
+            write_atomic(md_path, markdown(table, meta))
+
+    jobs = list(enumerate(todo, 1))
+    if jobs:
+        one(*jobs[0][:1], *jobs[0][1])
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for f in [pool.submit(one, i, row, seed) for i, (row, seed) in jobs[1:]]:
+            f.result()
     table = summarize(runs, rows)
     write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},
                                        indent=1, ensure_ascii=False) + "\n")

@@ -18,7 +18,7 @@ F8K_TOWER   := $(F8K_OUT)/lite0_visual.pdparams
 F8K_TSVS    := $(F8K_OUT)/.tsvs.stamp
 # the recipe's file keys, pointed at F8K_OUT (the yaml's defaults assume flickr8k_out/)
 F8K_PATHS    = train_file=$(F8K_TAGGED) val_file=$(F8K_VAL) vocab_file=$(F8K_VOCAB) \
-               init_image_tower=$(F8K_TOWER)
+               init_image_tower=$(F8K_TOWER) image_feature_cache_dir=$(F8K_OUT)/feature_cache
 
 .PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation clean-flickr8k
 
@@ -57,7 +57,8 @@ flickr8k-baseline: $(F8K_TSVS)
 	    --cache $(F8K_OUT)/cache --out $(F8K_OUT)/baseline.json
 
 flickr8k-ablation: flickr8k-data
-	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation --config $(F8K_CONFIG) $(F8K_PATHS)
+	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation --config $(F8K_CONFIG) --jobs 2 \
+	    $(F8K_PATHS) image_feature_cache_seed=0
 
 clean-flickr8k:
 	rm -rf $(F8K_OUT)

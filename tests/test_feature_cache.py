@@ -131,3 +131,13 @@ def test_cache_dir_reuses_a_matching_cache_and_rebuilds_on_any_change(tmp_path):
         break
     get(tower=other)
     assert len(list((tmp_path / "c").iterdir())) == 4  # K, seed and weights are in the key
+
+
+def test_inference_runner_gives_the_eager_features(tmp_path):
+    idx = TrainIndex(write_train_tsv(tmp_path / "t.tsv", n_images=3, captions=1))
+    tf, ev = make_train_transform(32), make_eval_transform(32)
+    got = {r: ImageFeatureCache.build(tiny_tower(), idx, 2, tf, ev, seed=1, progress=False,
+                                      runner=r).features for r in ("eager", "inference")}
+    np.testing.assert_allclose(got["inference"], got["eager"], atol=1e-5)
+    with pytest.raises(ValueError, match="runner"):
+        ImageFeatureCache.build(tiny_tower(), idx, 1, tf, ev, seed=1, progress=False, runner="gpu")

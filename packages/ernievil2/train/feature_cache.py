@@ -13,10 +13,12 @@ the shares are all-gathered, so K views cost one pass over the data however many
 (training file, tower weights, K, seed, transforms), so runs that differ only in what they train
 (an ablation, another seed of the text tower with the same cache seed) compute it once.
 """
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -54,6 +56,32 @@ def _describe(transform):
 
 def view_generator(seed, image, view):
     return np.random.default_rng([seed, CACHE_STREAM, int(image), int(view)])
+
+
+@contextlib.contextmanager
+def tower_runner(tower, eval_transform, runner="auto", world_size=1):
+    """A numpy -> numpy function running `tower`. On CPU, Paddle Inference with oneDNN runs an
+    EfficientNet 2.5x faster than eager (Lite0, 224 px, batch 32: 1.8 vs 4.5 s; same features
+    within 1e-5), so `auto` exports the tower to a temporary folder and uses that."""
+    if runner not in ("auto", "eager", "inference"):
+        raise ValueError(f"runner must be auto, eager or inference, got {runner!r}")
+    on_cpu = "cpu" in str(paddle.get_device())
+    if runner == "eager" or (runner == "auto" and not on_cpu):
+        yield lambda x: tower(paddle.to_tensor(x)).numpy()
+        return
+    from ..deploy_encoder import TowerPredictor
+
+    size = eval_transform.image_size
+    with tempfile.TemporaryDirectory(prefix="ernievil2_tower_") as tmp:
+        static = paddle.jit.to_static(
+            tower, input_spec=[paddle.static.InputSpec([None, 3, size, size], "float32")],
+            full_graph=True)
+        paddle.jit.save(static, os.path.join(tmp, "tower"))
+        model_file = next(os.path.join(tmp, f) for f in ("tower.json", "tower.pdmodel")
+                          if os.path.isfile(os.path.join(tmp, f)))
+        threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
+        yield TowerPredictor(model_file, os.path.join(tmp, "tower.pdiparams"), device="cpu",
+                             num_threads=threads)
 
 
 class ImageFeatureCache:
@@ -101,9 +129,10 @@ class ImageFeatureCache:
 
     @classmethod
     def build(cls, tower, index, views_per_image, train_transform, eval_transform, seed,
-              rank=0, world_size=1, batch_size=32, pool=None, progress=True):
+              rank=0, world_size=1, batch_size=32, pool=None, progress=True, runner="auto"):
         """Run `tower` (eval mode, no gradient) on every image's K views; this process takes
-        images rank, rank+world, ... and the shares are gathered (shapes padded to be equal)."""
+        images rank, rank+world, ... and the shares are gathered (shapes padded to be equal).
+        runner: eager, inference (Paddle Inference + oneDNN on CPU), auto (inference on CPU)."""
         first_row = {}
         for row, img in enumerate(index.image_index.tolist()):
             first_row.setdefault(img, row)
@@ -132,11 +161,11 @@ class ImageFeatureCache:
         bar = tqdm(total=len(jobs), desc="caching frozen image features", unit="views",
                    disable=not progress or rank != 0, leave=False)
         try:
-            with paddle.no_grad():
+            with paddle.no_grad(), tower_runner(tower, eval_transform, runner, world_size) as run:
                 for s in range(0, len(jobs), batch_size):
                     chunk = jobs[s:s + batch_size]
                     pixels = list(pool.map(view, chunk)) if pool else [view(j) for j in chunk]
-                    feats.append(tower(paddle.to_tensor(np.stack(pixels))).numpy())
+                    feats.append(run(np.stack(pixels)))
                     bar.update(len(chunk))
         finally:
             bar.close()

@@ -40,6 +40,9 @@ TRAIN_KEYS = {
     "image_feature_cache_dir": Key("", _str, "a path or empty",
                                    "keep the image_feature_cache array here, reused by runs with the "
                                    "same file, tower, K, seed and transforms"),
+    "image_feature_cache_seed": Key(None, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+                                    "null or an int", "seed of the cached views' augmentations; null = seed "
+                                    "(fix it to share one cache across runs of different seeds)"),
     "freeze_bn_stats": Key("auto", _one_of("auto", True, False), "auto, true or false",
                            "BatchNorm on running statistics; auto = when GradCache is on (BN cannot be exact there)"),
     "views": Key([["image", "text", 1.0]], _is_pairs, "a list of [view_a, view_b, weight]",

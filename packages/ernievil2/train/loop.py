@@ -141,7 +141,8 @@ class Trainer:
             # after any resume: the cache must hold the features of the tower actually trained
             self.feature_cache = ImageFeatureCache.load_or_build(
                 cfg.image_feature_cache_dir, self.model.visual, self.index, cfg.image_feature_cache,
-                self.train_tf, self.eval_tf, cfg.seed, self.rank, self.world, batch_size=cfg.val_batch_size, pool=self.batcher.pool)
+                self.train_tf, self.eval_tf,
+                cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed, self.rank, self.world, batch_size=cfg.val_batch_size, pool=self.batcher.pool)
             self.batcher.cache = self.feature_cache
 
     # -- one step ---------------------------------------------------------------------------
