@@ -136,8 +136,12 @@ def test_cache_dir_reuses_a_matching_cache_and_rebuilds_on_any_change(tmp_path):
 def test_inference_runner_gives_the_eager_features(tmp_path):
     idx = TrainIndex(write_train_tsv(tmp_path / "t.tsv", n_images=3, captions=1))
     tf, ev = make_train_transform(32), make_eval_transform(32)
-    got = {r: ImageFeatureCache.build(tiny_tower(), idx, 2, tf, ev, seed=1, progress=False,
-                                      runner=r).features for r in ("eager", "inference")}
+    towers = {r: tiny_tower() for r in ("eager", "inference")}
+    got = {r: ImageFeatureCache.build(t, idx, 2, tf, ev, seed=1, progress=False, runner=r).features
+           for r, t in towers.items()}
     np.testing.assert_allclose(got["inference"], got["eager"], atol=1e-5)
+    # exporting traced a copy: the training model's tower is still the eager layer
+    assert type(towers["inference"]).forward is type(towers["eager"]).forward
+    assert "StaticFunction" not in type(towers["inference"].forward).__name__
     with pytest.raises(ValueError, match="runner"):
         ImageFeatureCache.build(tiny_tower(), idx, 1, tf, ev, seed=1, progress=False, runner="gpu")

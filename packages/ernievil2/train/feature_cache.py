@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import paddle
@@ -73,10 +74,14 @@ def tower_runner(tower, eval_transform, runner="auto", world_size=1):
 
     size = eval_transform.image_size
     with tempfile.TemporaryDirectory(prefix="ernievil2_tower_") as tmp:
+        # traced from the bound forward, as export.py does: to_static(layer) would convert the
+        # training model's own tower in place
         static = paddle.jit.to_static(
-            tower, input_spec=[paddle.static.InputSpec([None, 3, size, size], "float32")],
+            tower.forward, input_spec=[paddle.static.InputSpec([None, 3, size, size], "float32")],
             full_graph=True)
-        paddle.jit.save(static, os.path.join(tmp, "tower"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "What you save is a function")
+            paddle.jit.save(static, os.path.join(tmp, "tower"))
         model_file = next(os.path.join(tmp, f) for f in ("tower.json", "tower.pdmodel")
                           if os.path.isfile(os.path.join(tmp, f)))
         threads = max(1, (os.cpu_count() or 1) // max(1, world_size))
