@@ -27,8 +27,9 @@ def list_checkpoints(root):
     return sorted(found)
 
 
-def save_checkpoint(root, step, model, loss_head, optimizer, state, rank, world):
-    """All ranks call it: rank 0 writes the shared part, every rank its RNG state."""
+def save_checkpoint(root, step, model, loss_head, optimizer, state, rank, world, extras=None):
+    """All ranks call it: rank 0 writes the shared part (and `extras`: name -> picklable object,
+    e.g. the EMA weights), every rank its RNG state."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     if rank == 0:
@@ -44,6 +45,9 @@ def save_checkpoint(root, step, model, loss_head, optimizer, state, rank, world)
         paddle.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pdopt"))
         with open(os.path.join(tmp, "state.pkl"), "wb") as f:
             pickle.dump({**state, "world_size": world}, f)
+        for name, obj in (extras or {}).items():
+            with open(os.path.join(tmp, f"extra_{name}.pkl"), "wb") as f:
+                pickle.dump(obj, f)
     barrier()
     if rank == 0:
         open(os.path.join(tmp, "COMPLETE"), "w").close()
@@ -71,6 +75,10 @@ def load_checkpoint_dir(path, model, loss_head, optimizer, rank, world):
     optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
     with open(os.path.join(path, f"rng_rank{rank}.pkl"), "rb") as f:
         state["rng"] = pickle.load(f)
+    state["extras"] = {}
+    for extra in glob.glob(os.path.join(path, "extra_*.pkl")):
+        with open(extra, "rb") as f:
+            state["extras"][os.path.basename(extra)[len("extra_"):-len(".pkl")]] = pickle.load(f)
     return state
 
 

@@ -30,6 +30,9 @@ TRAIN_KEYS = {
     "adam_beta1": Key(0.9, _is_num(0), "a number", "AdamW beta1"),
     "adam_beta2": Key(0.98, _is_num(0), "a number", "AdamW beta2"),
     "adam_eps": Key(1e-6, _is_num(0), "a number", "AdamW epsilon"),
+    "ema_decay": Key(0.0, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                     "a number in [0, 1)", "moving average of the trained weights, used for validation "
+                     "and the final model (e.g. 0.99); 0 = off"),
     "grad_clip_norm": Key(0.0, _is_num(0), "a number", "global gradient norm clip; 0 = off"),
     "freeze_image_tower": Key(False, _bool, "true or false", "keep the image tower fixed (LiT)"),
     "freeze_text_tower": Key(False, _bool, "true or false", "keep the text tower fixed"),

@@ -5,6 +5,7 @@ in GradCache micro-batches), the loss contrasts its rows against every process's
 (gathered with gradient), gradients are averaged over processes, AdamW steps, temperatures are
 clamped. Checkpoints, validation and logs at fixed step intervals; `resume` continues exactly.
 """
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from ..tokenizer import ErnieTokenizer
 from ..transforms import make_eval_transform, make_train_transform
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
+from .ema import ModelEMA
 from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, get_rng_states, gradcache_step, set_rng_states
 from .optim import build_optimizer, freeze, lr_at
@@ -128,6 +130,7 @@ class Trainer:
                          f"{count_parameters(self.model.text_model):,}",
                          f"{sum(p.size for p in self.params):,}", len(decay), len(self.index),
                          self.sampler.steps_per_epoch, "frozen" if self.freeze_bn else "batch")
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.step, self.best = 0, {"step": None, "score": -1.0}
         paddle.seed(cfg.seed * 1000 + self.rank + 1)  # dropout differs across processes
         resume = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
@@ -136,6 +139,10 @@ class Trainer:
                                              self.rank, self.world)
             self.step, self.best = state["step"], state["best"]
             set_rng_states(state["rng"])
+            if self.ema is not None:
+                if "ema" not in state["extras"]:
+                    raise RuntimeError(f"{resume} has no EMA weights: it was written with ema_decay 0")
+                self.ema.set_state_dict(state["extras"]["ema"])
             self.logger.info("resumed from %s at step %d", resume, self.step)
         if cfg.image_feature_cache and any(v in IMAGE_VIEWS for v in views):
             # after any resume: the cache must hold the features of the tower actually trained
@@ -190,6 +197,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.clear_grad()
         self.loss_head.clamp_()
+        if self.ema is not None:
+            self.ema.update()
         return info
 
     # -- the loop ---------------------------------------------------------------------------
@@ -198,14 +207,19 @@ class Trainer:
             with open(os.path.join(self.cfg.output_dir, "train.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    def _weights_for_eval(self):
+        """The EMA weights when ema_decay is on (validation, final model), else the model's own."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def _validate(self):
         if not self.cfg.val_file:
             return None
         result = None
         if self.rank == 0:
-            result = validate(self.model, self.cfg.val_file, self.eval_tf,
-                              lambda t: self.tok.batch_encode(t, padding="longest"),
-                              self.cfg.val_batch_size, self.cfg.num_workers)
+            with self._weights_for_eval():
+                result = validate(self.model, self.cfg.val_file, self.eval_tf,
+                                  lambda t: self.tok.batch_encode(t, padding="longest"),
+                                  self.cfg.val_batch_size, self.cfg.num_workers)
             mc = result["multi_caption"]["MeanRecall"]["meanRecall"]
             off = result["official"]["MeanRecall"]["meanRecall"]
             self.logger.info("step %d validation: mean recall %.2f (official protocol), %.2f "
@@ -221,8 +235,9 @@ class Trainer:
             if score > self.best["score"]:
                 self.best = {"step": self.step, "score": score}
         state = {"step": self.step, "best": self.best, "rng": get_rng_states()}
+        extras = {"ema": self.ema.state_dict()} if self.ema is not None else None
         path = ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.model, self.loss_head,
-                                    self.optimizer, state, self.rank, self.world)
+                                    self.optimizer, state, self.rank, self.world, extras)
         if self.rank == 0:
             ckpt.prune_checkpoints(self.cfg.output_dir, self.cfg.keep_last, self.best["step"])
         return path
@@ -234,8 +249,9 @@ class Trainer:
         final = os.path.join(self.cfg.output_dir, "final")
         os.makedirs(final, exist_ok=True)
         from ..checkpoint import save_state_dict
-        save_state_dict({k: v.numpy() for k, v in self.model.state_dict().items()},
-                        os.path.join(final, "model.pdparams"))
+        with self._weights_for_eval():
+            save_state_dict({k: v.numpy() for k, v in self.model.state_dict().items()},
+                            os.path.join(final, "model.pdparams"))
         from ..config import OFFICIAL_KEYS, PROJECT_KEYS
         infer_cfg = {k: self.cfg[k] for k in list(OFFICIAL_KEYS) + list(PROJECT_KEYS)}
         infer_cfg["init_from_params"] = os.path.join(final, "model.pdparams")
