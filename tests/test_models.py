@@ -123,19 +123,3 @@ def test_mean_pooling_averages_the_non_padding_tokens_and_ignores_padding():
 def test_unknown_pooling_is_an_error():
     with pytest.raises(ValueError, match="pooling"):
         ErnieTextModel(**{**TINY_ERNIE, "pooling": "max"})
-
-
-def test_hashed_bigram_embeddings_are_optional_used_and_padding_invariant():
-    assert "ngram_emb.weight" not in ErnieTextModel(**TINY_ERNIE).state_dict()  # release layout
-    paddle.seed(0)
-    t = ErnieTextModel(**{**TINY_ERNIE, "ngram_buckets": 97, "pooling": "mean"})
-    t.eval()
-    ids = paddle.to_tensor([[1, 7, 8, 9, 2]], dtype="int64")
-    # bucket of (token i, token i+1); the last token pairs with padding
-    np.testing.assert_array_equal(t.bigram_ids(ids).numpy()[0],
-                                  [(a * 1_000_003 + b) % 97 for a, b in zip([1, 7, 8, 9, 2], [7, 8, 9, 2, 0])])
-    padded = paddle.to_tensor([[1, 7, 8, 9, 2, 0, 0]], dtype="int64")
-    np.testing.assert_allclose(t(ids).numpy(), t(padded).numpy(), atol=1e-6)
-    before = t(ids).numpy()
-    t.ngram_emb.weight.set_value(paddle.zeros_like(t.ngram_emb.weight))
-    assert not np.allclose(before, t(ids).numpy(), atol=1e-4)  # the bigram table is really added

@@ -10,11 +10,6 @@ states over the non-padding tokens instead: a small tower trained from scratch o
 captions learns faster and generalises better that way (Flickr8k-CN: see configs/text/
 ernie_small_zh.json). The pooler weights stay in the model either way, so checkpoints keep one
 layout.
-
-`"ngram_buckets": N` (also a project option) adds a hashed character-bigram embedding to each
-position (token i and token i+1 -> one of N buckets), as n-gram-enhanced Chinese encoders do (ZEN):
-most Chinese words are two characters, and a one-layer tower trained on a few thousand captions
-cannot learn them from characters alone. Off (0) for the release models.
 """
 import json
 
@@ -31,9 +26,7 @@ ERNIE_CONFIG_KEYS = {
     "max_position_embeddings", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
     "initializer_range", "sent_type_vocab_size", "task_type_vocab_size", "type_vocab_size",
     "intermediate_size", "use_sent_emb", "pad_token_id", "_source", "model_type", "pooling",
-    "ngram_buckets",
 }
-NGRAM_HASH = 1_000_003  # a prime: (a * P + b) mod N spreads the bigrams over the buckets
 POOLINGS = ("cls", "mean")
 
 
@@ -120,7 +113,7 @@ class ErnieTextModel(nn.Layer):
                  intermediate_size=None, max_position_embeddings=2048, hidden_act="gelu",
                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                  use_sent_emb=False, sent_type_vocab_size=4, pad_token_id=0, pooling="cls",
-                 ngram_buckets=0, **_unused):
+                 **_unused):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unsupported pooling {pooling!r}; known: {list(POOLINGS)}")
@@ -134,8 +127,6 @@ class ErnieTextModel(nn.Layer):
         self.pos_emb = nn.Embedding(max_position_embeddings, hidden_size)
         # ERNIE 2.0 adds a sentence-type embedding; the official ERNIE 3.0 tower disables it.
         self.sent_emb = nn.Embedding(sent_type_vocab_size, hidden_size) if use_sent_emb else None
-        self.ngram_buckets = int(ngram_buckets)
-        self.ngram_emb = nn.Embedding(self.ngram_buckets, hidden_size) if self.ngram_buckets else None
         self.ln = nn.LayerNorm(hidden_size, epsilon=LN_EPS)
         self.dropout = nn.Dropout(hidden_dropout_prob)
         self.encoder_stack = ErnieEncoderStack(
@@ -151,11 +142,6 @@ class ErnieTextModel(nn.Layer):
         cfg.update(overrides)
         return cls(**cfg)
 
-    def bigram_ids(self, input_ids):
-        """Bucket of (token i, token i+1) for every position; the last one pairs with padding."""
-        following = paddle.concat([input_ids[:, 1:], paddle.zeros_like(input_ids[:, :1])], axis=1)
-        return (input_ids * NGRAM_HASH + following) % self.ngram_buckets
-
     def forward(self, input_ids):
         seq_len = input_ids.shape[1]
         # Under paddle.jit.to_static with a dynamic length, seq_len is a graph value, not an int:
@@ -167,8 +153,6 @@ class ErnieTextModel(nn.Layer):
         x = self.word_emb(input_ids) + self.pos_emb(pos)
         if self.sent_emb is not None:
             x = x + self.sent_emb(paddle.zeros_like(input_ids))
-        if self.ngram_emb is not None:
-            x = x + self.ngram_emb(self.bigram_ids(input_ids))
         x = self.dropout(self.ln(x))
         keep = (input_ids != self.pad_token_id).astype(x.dtype)  # [B, L]
         attn_bias = ((1.0 - keep) * MASK_VALUE).unsqueeze([1, 2])  # [B, 1, 1, L] over keys
