@@ -1,9 +1,9 @@
 # Flickr8k-CN on real photos (included by the Makefile). Needs the reference data in ../shared
 # (override: make flickr8k SHARED=/path/to/shared); everything is written to flickr8k_out/.
-#   make flickr8k           TSVs, object tags, Lite0 tower, train (~10 min on 2 cores), then
+#   make flickr8k           TSVs, object tags, Lite0 tower, train (~6 min on 2 cores), then
 #                           val recall in the official and the multi-caption protocols
 #   make flickr8k-baseline  frozen Lite0 features + character n-gram bag, linear maps (~2 min)
-#   make flickr8k-ablation  views / targets ablation, 3 seeds a row (~1 hour on 2 cores)
+#   make flickr8k-ablation  views / targets ablation, 3 seeds a row (~20 min on 2 cores)
 SHARED      ?= ../shared
 F8K_OUT     ?= flickr8k_out
 F8K_CONFIG  ?= packages/configs/flickr8k_cn_lite0.yaml
