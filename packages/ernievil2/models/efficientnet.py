@@ -289,14 +289,23 @@ class EfficientNet(nn.Layer):
         self.grad_checkpointing = False
 
     def forward_features(self, x):
+        return self.forward_head(self.forward_trunk(x))
+
+    def forward_trunk(self, x):
+        """Stem and MBConv blocks: [B, C, H/32, W/32] maps (what a trainable head reads)."""
         x = self.act(self.bn_stem(self.conv_stem(x)))
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = paddle.distributed.fleet.utils.recompute(block, x)
             else:
                 x = block(x)
+        return x
+
+    def forward_head(self, x):
+        """1x1 head convolution, BN, activation, global average pool -> [B, num_features]."""
         x = self.act(self.bn_head(self.conv_head(x)))
         return x.mean(axis=[2, 3])
+
 
     def forward(self, x):
         x = self.forward_features(x)

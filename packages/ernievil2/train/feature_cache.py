@@ -144,6 +144,8 @@ class ImageFeatureCache:
         n_images, k = len(first_row), views_per_image
         if k < 1:
             raise ValueError(f"image_feature_cache needs at least 1 view per image, got {k}")
+        if n_images < world_size:
+            raise ValueError(f"{index.path}: {n_images} images for {world_size} processes")
         mine = list(range(rank, n_images, world_size))
         jobs = [(img, v) for img in mine for v in range(k)]
         t0 = time.time()
@@ -177,19 +179,19 @@ class ImageFeatureCache:
             for f in files.values():
                 f.close()
             tower.train(was_training)
-        dim = tower.num_features
-        local = (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)).reshape(len(mine), k, dim)
+        shape = feats[0].shape[1:]  # [D] pooled features, or [C, H, W] maps (train_image_head)
+        local = np.concatenate(feats).reshape((len(mine), k) + shape)
         if world_size > 1 and is_distributed():
             per_rank = -(-n_images // world_size)
-            padded = np.zeros((per_rank, k, dim), np.float32)
+            padded = np.zeros((per_rank, k) + shape, np.float32)
             padded[:len(mine)] = local
             gathered = all_gather_no_grad(paddle.to_tensor(padded)).numpy()
-            out = np.zeros((n_images, k, dim), np.float32)
+            out = np.zeros((n_images, k) + shape, np.float32)
             for r in range(world_size):
                 ids = list(range(r, n_images, world_size))
                 out[ids] = gathered[r * per_rank:r * per_rank + len(ids)]
         else:
             out = local
-        log.info("cached the frozen image tower's features: %d images x %d views x %d in %.1f s "
-                 "(%.1f MB)", n_images, k, dim, time.time() - t0, out.nbytes / 2**20)
+        log.info("cached the frozen image tower's features: %d images x %d views x %s in %.1f s "
+                 "(%.1f MB)", n_images, k, list(shape), time.time() - t0, out.nbytes / 2**20)
         return cls(out)
