@@ -145,3 +145,14 @@ def test_inference_runner_gives_the_eager_features(tmp_path):
     assert "StaticFunction" not in type(towers["inference"].forward).__name__
     with pytest.raises(ValueError, match="runner"):
         ImageFeatureCache.build(tiny_tower(), idx, 1, tf, ev, seed=1, progress=False, runner="gpu")
+
+
+def test_cache_keeps_feature_maps_of_any_shape(tmp_path):
+    """A tower returning maps (e.g. EfficientNet.forward_trunk) is cached as [images, K, C, H, W]."""
+    idx = TrainIndex(write_train_tsv(tmp_path / "t.tsv", n_images=3, captions=2))
+    paddle.seed(0)
+    conv = paddle.nn.Conv2D(3, 4, 8, stride=8)
+    cache = ImageFeatureCache.build(conv, idx, 2, make_train_transform(32), make_eval_transform(32),
+                                    seed=0, progress=False)
+    assert cache.features.shape == (3, 2, 4, 4, 4)
+    assert cache.take([2, 0], [1, 0]).shape == (2, 4, 4, 4)
