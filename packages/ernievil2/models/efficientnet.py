@@ -306,7 +306,6 @@ class EfficientNet(nn.Layer):
         x = self.act(self.bn_head(self.conv_head(x)))
         return x.mean(axis=[2, 3])
 
-
     def forward(self, x):
         x = self.forward_features(x)
         if self.classifier is None:

@@ -12,6 +12,7 @@ Views: `image` and `image_aug` are two augmentations of the image; `text` is the
 tags of the 4th column (never derived from the caption).
 """
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -85,6 +86,32 @@ class TrainIndex:
             raise DataError(self.path, line_no, f"invalid UTF-8 at byte {e.start}") from None
         return line_no, [x.strip() for x in text.split("\t")]
 
+    def read_image(self, f, row):
+        """(line_no, fields, decoded RGB image) of one row; a bad image is a FILE:LINE error."""
+        line_no, fields = self.read(f, row)
+        try:
+            return line_no, fields, decode_image(decode_b64(fields[2]))
+        except ValueError as e:
+            raise DataError(self.path, line_no, str(e)) from None
+
+
+class ThreadFiles:
+    """One open binary handle of `path` per thread (seek + readline are not thread-safe)."""
+
+    def __init__(self, path):
+        self.path, self._files = path, {}
+
+    def get(self):
+        tid = threading.get_ident()
+        if tid not in self._files:
+            self._files[tid] = open(self.path, "rb")
+        return self._files[tid]
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
 
 class EpochSampler:
     """Seeded permutation per epoch; position = global step. Same result for any process count."""
@@ -116,7 +143,7 @@ class MultiViewBatcher:
         self.text_aug, self.mask_prob, self.augment = text_aug, text_mask_prob, augment
         self.ids = index.label_index if id_source == "label" else index.image_index
         self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-        self._files = {}
+        self._files = ThreadFiles(index.path)
         # With a frozen-feature cache (feature_cache.py) the image views are cached features of
         # K fixed views instead of pixels: no image is decoded during training.
         self.cache = feature_cache
@@ -127,27 +154,19 @@ class MultiViewBatcher:
             raise ValueError(f"batch_size {len(global_rows)} is not divisible by {self.world} processes")
         return global_rows[self.rank * b:(self.rank + 1) * b]
 
-    def _file(self):
-        import threading
-        tid = threading.get_ident()
-        if tid not in self._files:
-            self._files[tid] = open(self.index.path, "rb")
-        return self._files[tid]
-
     def _sample(self, epoch, row):
         rng = np.random.default_rng([self.seed, epoch, int(row)])
-        line_no, fields = self.index.read(self._file(), row)
-        out = {"text": fields[0]}
         image_views = [v for v in ("image", "image_aug") if v in self.views]
+        if image_views and self.cache is None:
+            _, fields, img = self.index.read_image(self._files.get(), row)
+        else:
+            _, fields = self.index.read(self._files.get(), row)
+        out = {"text": fields[0]}
         if image_views and self.cache is not None:
             drawn = self.cache.draw_views(rng, len(image_views)) if self.augment else [0, 0]
             for v, k in zip(image_views, drawn):
                 out[v] = int(k)
         elif image_views:
-            try:
-                img = decode_image(decode_b64(fields[2]))
-            except ValueError as e:
-                raise DataError(self.index.path, line_no, str(e)) from None
             for v in image_views:
                 out[v] = self.train_tf(img, rng) if self.augment else self.eval_tf(img)
         if "text_aug" in self.views:
@@ -161,7 +180,7 @@ class MultiViewBatcher:
         rows = [r for r in self.index.rows_of_image[int(self.index.image_index[row])] if r != row]
         if not rows:
             return None  # a single caption: fall back to masking
-        _, fields = self.index.read(self._file(), int(rng.choice(rows)))
+        _, fields = self.index.read(self._files.get(), int(rng.choice(rows)))
         return fields[0]
 
     def _mask_ids(self, ids, rng):
@@ -209,5 +228,4 @@ class MultiViewBatcher:
     def close(self):
         if self.pool:
             self.pool.shutdown()
-        for f in self._files.values():
-            f.close()
+        self._files.close()

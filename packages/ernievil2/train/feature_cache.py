@@ -26,9 +26,8 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ..data.tsv import DataError, decode_b64
 from ..distributed import all_gather_no_grad, all_gather_object, is_distributed
-from ..transforms import decode_image
+from .data import ThreadFiles
 
 log = logging.getLogger("ernievil2.train")
 CACHE_STREAM = 7_919  # separates the cache's augmentation draws from the training samples'
@@ -149,18 +148,12 @@ class ImageFeatureCache:
         mine = list(range(rank, n_images, world_size))
         jobs = [(img, v) for img in mine for v in range(k)]
         t0 = time.time()
-        files = {}
+        files = ThreadFiles(index.path)
 
         def view(job):
-            import threading
-            f = files.setdefault(threading.get_ident(), open(index.path, "rb"))
             img, v = job
-            line_no, fields = index.read(f, first_row[img])
-            try:
-                pil = decode_image(decode_b64(fields[2]))
-            except ValueError as e:
-                raise DataError(index.path, line_no, str(e)) from None
-            return eval_transform(pil) if v == 0 else train_transform(pil, view_generator(seed, img, v))
+            _, _, pixels = index.read_image(files.get(), first_row[img])
+            return eval_transform(pixels) if v == 0 else train_transform(pixels, view_generator(seed, img, v))
 
         was_training = tower.training
         tower.eval()
@@ -176,8 +169,7 @@ class ImageFeatureCache:
                     bar.update(len(chunk))
         finally:
             bar.close()
-            for f in files.values():
-                f.close()
+            files.close()
             tower.train(was_training)
         shape = feats[0].shape[1:]  # [D] pooled features, or [C, H, W] maps (train_image_head)
         local = np.concatenate(feats).reshape((len(mine), k) + shape)

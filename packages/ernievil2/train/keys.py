@@ -30,8 +30,7 @@ TRAIN_KEYS = {
     "adam_beta1": Key(0.9, _is_num(0), "a number", "AdamW beta1"),
     "adam_beta2": Key(0.98, _is_num(0), "a number", "AdamW beta2"),
     "adam_eps": Key(1e-6, _is_num(0), "a number", "AdamW epsilon"),
-    "ema_decay": Key(0.0, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
-                     "a number in [0, 1)", "moving average of the trained weights, used for validation "
+    "ema_decay": Key(0.0, lambda v: _is_num(0)(v) and v < 1, "a number in [0, 1)", "moving average of the trained weights, used for validation "
                      "and the final model (e.g. 0.99); 0 = off"),
     "grad_clip_norm": Key(0.0, _is_num(0), "a number", "global gradient norm clip; 0 = off"),
     "freeze_image_tower": Key(False, _bool, "true or false", "keep the image tower fixed (LiT)"),
@@ -43,8 +42,7 @@ TRAIN_KEYS = {
     "image_feature_cache_dir": Key("", _str, "a path or empty",
                                    "keep the image_feature_cache array here, reused by runs with the "
                                    "same file, tower, K, seed and transforms"),
-    "image_feature_cache_seed": Key(None, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-                                    "null or an int", "seed of the cached views' augmentations; null = seed "
+    "image_feature_cache_seed": Key(None, lambda v: v is None or _is_int()(v), "null or an int", "seed of the cached views' augmentations; null = seed "
                                     "(fix it to share one cache across runs of different seeds)"),
     "freeze_bn_stats": Key("auto", _one_of("auto", True, False), "auto, true or false",
                            "BatchNorm on running statistics; auto = when GradCache is on (BN cannot be exact there)"),

@@ -146,10 +146,11 @@ class Trainer:
             self.logger.info("resumed from %s at step %d", resume, self.step)
         if cfg.image_feature_cache and any(v in IMAGE_VIEWS for v in views):
             # after any resume: the cache must hold the features of the tower actually trained
+            cache_seed = cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed
             self.feature_cache = ImageFeatureCache.load_or_build(
                 cfg.image_feature_cache_dir, self.model.visual, self.index, cfg.image_feature_cache,
-                self.train_tf, self.eval_tf,
-                cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed, self.rank, self.world, batch_size=cfg.val_batch_size, pool=self.batcher.pool)
+                self.train_tf, self.eval_tf, cache_seed, self.rank, self.world,
+                batch_size=cfg.val_batch_size, pool=self.batcher.pool)
             self.batcher.cache = self.feature_cache
 
     # -- one step ---------------------------------------------------------------------------
