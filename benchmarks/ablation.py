@@ -1,8 +1,8 @@
 """Ablation of the multi-view training on a real split: views and targets, several seeds each.
 
     python benchmarks/ablation.py --out-dir DIR [--config packages/configs/flickr8k_cn_lite0.yaml]
-        [--rows it,it+ii,it+tt,it+tags,it-unicl,recipe] [--seeds 0,1,2] [--steps 300] [--resume]
-        [--jobs 1] [key=value ...]
+        [--rows it,it+ii,it+tt,it+tags,it-unicl,recipe] [--seeds 0,1,2] [--steps N] [--resume]
+        [--jobs 1] [--row-set ROW:key=value ...] [key=value ...]
 
 Each (row, seed) is one `bash run_train.sh 0 CONFIG ...` run (the user's own entry point) with
 the row's `views`/`targets`, `seed`, `max_steps` and validation only at the end; every row runs
@@ -11,7 +11,10 @@ the same number of optimizer steps on the same batches (seeded sampler). Its fin
 has a table): ablation.json (every run: recall rows in both protocols, seconds) and ablation.md
 (per row mean ± sample std over seeds of the multi-caption mean recall, its Text2Image and
 Image2Text R@1, the official-protocol mean recall, and the seconds per run). --resume skips runs
-already in ablation.json. Trailing key=value pairs go to every run (e.g. image_size=128).
+already in ablation.json. Trailing key=value pairs go to every run (e.g. image_size=128);
+--row-set ROW:key=value goes to one row's runs only, after them. --steps defaults to the config's
+max_steps. The recipe-zh row (the config's views on another training file, e.g. Chinese captions
+only) needs --row-set recipe-zh:train_file=FILE.
 --jobs N runs N trainings at once after the first one (which builds any shared feature cache):
 eager training of a small text tower keeps about one core busy, so 2 jobs use a 2-core machine.
 """
@@ -43,7 +46,27 @@ ROWS = {
     "all-unicl": ("all views, UniCL targets", [IT, ["image", "image_aug", 0.5],
                                                ["text", "text_aug", 0.5], ["image", "tags", 0.5]], "unicl"),
 }
+# rows that differ from the config only in data: the caller names the file (--row-set)
+ROWS["recipe-zh"] = ("the config's views and targets, another training file", None, None)
+ROW_NEEDS = {"recipe-zh": "train_file"}
 DEFAULT_ROWS = "it,it+ii,it+tt,it+tags,it-unicl,recipe"
+
+
+def parse_row_sets(items, rows):
+    """['ROW:key=value', ...] -> {row: [key=value, ...]}; checks rows and the ROW_NEEDS keys."""
+    sets = {}
+    for item in items:
+        row, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or not kv.split("=", 1)[0]:
+            raise ValueError(f"--row-set {item!r}: expected ROW:key=value")
+        if row not in ROWS:
+            raise ValueError(f"--row-set {item!r}: unknown row {row!r}; known: {list(ROWS)}")
+        sets.setdefault(row, []).append(kv)
+    for row in rows:
+        need = ROW_NEEDS.get(row)
+        if need and not any(kv.split("=", 1)[0] == need for kv in sets.get(row, [])):
+            raise ValueError(f"row {row} needs --row-set {row}:{need}=...")
+    return sets
 
 
 def final_validation(run_dir):
@@ -125,8 +148,9 @@ def markdown(table, meta):
         cells += [f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}" for k, _ in COLUMNS]
         cells.append(f"{e['seconds']['mean']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    row_sets = "".join(f"; {row}: {' '.join(kvs)}" for row, kvs in meta.get("row_sets", {}).items())
     notes = (f"\nVal recall in %, mean ± sample std over seeds; {meta['steps']} steps per run; "
-             f"config {meta['config']}; overrides {meta['overrides'] or 'none'}. "
+             f"config {meta['config']}; overrides {meta['overrides'] or 'none'}{row_sets}. "
              "R@1 columns are the multi-caption protocol.\n")
     return "\n".join(lines) + "\n" + notes
 
@@ -145,21 +169,31 @@ def main(argv=None):
     ap.add_argument("--config", default=str(ROOT / "packages" / "configs" / "flickr8k_cn_lite0.yaml"))
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {list(ROWS)}")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps per run (default: the config's max_steps)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (after the first)")
     ap.add_argument("--resume", action="store_true", help="skip runs already in ablation.json")
+    ap.add_argument("--row-set", action="append", default=[], metavar="ROW:key=value",
+                    help="an override for one row's runs (repeatable)")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+    try:
+        row_sets = parse_row_sets(args.row_set, rows)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.steps is None:
+        import yaml
+        args.steps = int(yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["max_steps"])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "ablation.json", out / "ablation.md"
     meta = {"config": args.config, "steps": args.steps, "overrides": args.overrides,
-            "rows": rows, "seeds": seeds}
+            "row_sets": row_sets, "rows": rows, "seeds": seeds}
     runs = []
     if args.resume and json_path.is_file():
         runs = [r for r in json.loads(json_path.read_text(encoding="utf-8"))["runs"]
@@ -175,8 +209,8 @@ def main(argv=None):
             shutil.rmtree(run_dir)  # a fresh run, never a resumed half
         run_dir.mkdir(parents=True)
         print(f"[{i}/{len(todo)}] {row} seed {seed} ...", flush=True)
-        run = run_one(args.config, row, seed, args.steps, run_dir, args.overrides,
-                      out / f"{row}_seed{seed}.log")
+        run = run_one(args.config, row, seed, args.steps, run_dir,
+                      args.overrides + row_sets.get(row, []), out / f"{row}_seed{seed}.log")
         m = metrics_of(run)
         with lock:
             runs.append(run)

@@ -1,9 +1,9 @@
 # Flickr8k-CN on real photos (included by the Makefile). Needs the reference data in ../shared
 # (override: make flickr8k SHARED=/path/to/shared); everything is written to flickr8k_out/.
-#   make flickr8k           TSVs, object tags, Lite0 tower, train (~6 min on 2 cores), then
+#   make flickr8k           TSVs, object tags, Lite0 tower, train (~5 min on 2 cores), then
 #                           val recall in the official and the multi-caption protocols
 #   make flickr8k-baseline  frozen Lite0 features + character n-gram bag, linear maps (~2 min)
-#   make flickr8k-ablation  views / targets ablation, 3 seeds a row (~20 min on 2 cores)
+#   make flickr8k-ablation  views / targets / caption languages, 3 seeds a row (~25 min on 2 cores)
 SHARED      ?= ../shared
 F8K_OUT     ?= flickr8k_out
 F8K_CONFIG  ?= packages/configs/flickr8k_cn_lite0.yaml
@@ -12,10 +12,13 @@ F8K_LITE0   := $(SHARED)/data/efficientnet_lite0/efficientnet_lite0_imagenet.npz
 F8K_CLASSES := $(SHARED)/data/imagenet_classes.tsv
 F8K_TRAIN   := $(F8K_OUT)/flickr8k_cn_train_zh.tsv
 F8K_VAL     := $(F8K_OUT)/flickr8k_cn_val_zh.tsv
-F8K_TAGGED  := $(F8K_OUT)/flickr8k_cn_train_zh_tags.tsv
+# the recipe trains on both languages' captions (10 per photo); val stays Chinese
+F8K_BOTH    := $(F8K_OUT)/flickr8k_cn_train_both.tsv
+F8K_TAGGED  := $(F8K_OUT)/flickr8k_cn_train_both_tags.tsv
+F8K_TAGGED_ZH := $(F8K_OUT)/flickr8k_cn_train_zh_tags.tsv
 F8K_VOCAB   := $(F8K_OUT)/vocab.txt
 F8K_TOWER   := $(F8K_OUT)/lite0_visual.pdparams
-F8K_TSVS    := $(F8K_OUT)/.tsvs.stamp
+F8K_TSVS    := $(F8K_OUT)/.tsvs-zh-both.stamp
 # the recipe's file keys, pointed at F8K_OUT (the yaml's defaults assume flickr8k_out/)
 F8K_PATHS    = train_file=$(F8K_TAGGED) val_file=$(F8K_VAL) vocab_file=$(F8K_VOCAB) \
                init_image_tower=$(F8K_TOWER) image_feature_cache_dir=$(F8K_OUT)/feature_cache
@@ -25,9 +28,14 @@ F8K_PATHS    = train_file=$(F8K_TAGGED) val_file=$(F8K_VAL) vocab_file=$(F8K_VOC
 $(F8K_TSVS): | setup
 	@test -f $(F8K_DATA)/captions_train.tsv || { echo "Flickr8k-CN reference data not found in $(F8K_DATA) (set SHARED=...)" >&2; exit 1; }
 	$(PY) tools/build_tsv.py flickr8k-cn $(F8K_DATA) $(F8K_OUT) --lang zh --no-progress
+	$(PY) tools/build_tsv.py flickr8k-cn $(F8K_DATA) $(F8K_OUT) --lang both --splits train --no-progress
 	touch $@
 
 $(F8K_TAGGED): $(F8K_TSVS)
+	$(PY) tools/extract_tags.py $(F8K_BOTH) $@ --lang zh --topk 3 --weights $(F8K_LITE0) --classes $(F8K_CLASSES)
+
+# the Chinese-only training file, for the ablation's recipe-zh row
+$(F8K_TAGGED_ZH): $(F8K_TSVS)
 	$(PY) tools/extract_tags.py $(F8K_TRAIN) $@ --lang zh --topk 3 --weights $(F8K_LITE0) --classes $(F8K_CLASSES)
 
 # a vocab of the training captions and tags (val characters never seen become [UNK])
@@ -56,9 +64,10 @@ flickr8k-baseline: $(F8K_TSVS)
 	$(PY) tools/baseline_frozen.py $(F8K_TRAIN) $(F8K_VAL) --weights $(F8K_LITE0) \
 	    --cache $(F8K_OUT)/cache --out $(F8K_OUT)/baseline.json
 
-flickr8k-ablation: flickr8k-data
+flickr8k-ablation: flickr8k-data $(F8K_TAGGED_ZH)
 	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation --config $(F8K_CONFIG) --jobs 2 \
-	    $(F8K_PATHS) image_feature_cache_seed=0
+	    --rows it,it+ii,it+tt,it+tags,it-unicl,recipe,recipe-zh \
+	    --row-set recipe-zh:train_file=$(F8K_TAGGED_ZH) $(F8K_PATHS) image_feature_cache_seed=0
 
 clean-flickr8k:
 	rm -rf $(F8K_OUT)

@@ -123,3 +123,24 @@ def test_mean_pooling_averages_the_non_padding_tokens_and_ignores_padding():
 def test_unknown_pooling_is_an_error():
     with pytest.raises(ValueError, match="pooling"):
         ErnieTextModel(**{**TINY_ERNIE, "pooling": "max"})
+
+
+def test_zero_layer_tower_is_the_mean_of_normalised_token_and_position_embeddings():
+    # configs/text/ernie_embed_mean.json (the Flickr8k-CN recipe): no transformer block at all
+    from pathlib import Path
+    cfg = load_ernie_config(Path(__file__).resolve().parents[1] / "packages" / "configs" / "text"
+                            / "ernie_embed_mean.json")
+    assert cfg["num_hidden_layers"] == 0 and cfg["pooling"] == "mean"
+    paddle.seed(0)
+    t = ErnieTextModel(**{**cfg, "vocab_size": 64})
+    t.eval()
+    assert len(t.encoder_stack.block) == 0
+    ids = paddle.to_tensor([[1, 7, 8, 2, 0, 0], [1, 9, 2, 0, 0, 0]], dtype="int64")
+    out = t(ids).numpy()
+    pos = paddle.arange(6, dtype="int64").unsqueeze(0)
+    x = t.ln(t.word_emb(ids) + t.pos_emb(pos)).numpy()
+    np.testing.assert_allclose(out[0], x[0, :4].mean(0), atol=1e-5)
+    np.testing.assert_allclose(out[1], x[1, :3].mean(0), atol=1e-5)
+    # the token order still matters through the position embeddings
+    swapped = paddle.to_tensor([[1, 8, 7, 2, 0, 0]], dtype="int64")
+    assert not np.allclose(out[0], t(swapped).numpy()[0], atol=1e-4)

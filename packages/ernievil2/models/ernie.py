@@ -7,8 +7,9 @@ LayerNorm eps 1e-5 here (PaddleNLP's port uses 1e-12; we follow the official mod
 
 `"pooling": "mean"` in the json (a project option, not in the release) averages the last hidden
 states over the non-padding tokens instead: a small tower trained from scratch on a few thousand
-captions learns faster and generalises better that way (Flickr8k-CN: see configs/text/
-ernie_small_zh.json). The pooler weights stay in the model either way, so checkpoints keep one
+captions learns faster and generalises better that way. With `"num_hidden_layers": 0` the tower is
+the mean of the normalised token + position embeddings (configs/text/ernie_embed_mean.json, the
+Flickr8k-CN recipe's). The pooler weights stay in the model either way, so checkpoints keep one
 layout.
 """
 import json
