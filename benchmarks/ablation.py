@@ -15,7 +15,8 @@ already in ablation.json. Trailing key=value pairs go to every run (e.g. image_s
 --row-set ROW:key=value goes to one row's runs only, after them. --steps defaults to the config's
 max_steps. The recipe-zh row (the config's views on another training file, e.g. Chinese captions
 only) needs --row-set recipe-zh:train_file=FILE.
---jobs N runs N trainings at once after the first one (which builds any shared feature cache):
+--jobs N runs N trainings at once after the first one and the first of each --row-set row (those
+build any shared feature cache):
 eager training of a small text tower keeps about one core busy, so 2 jobs use a 2-core machine.
 """
 import argparse
@@ -67,6 +68,20 @@ def parse_row_sets(items, rows):
         if need and not any(kv.split("=", 1)[0] == need for kv in sets.get(row, [])):
             raise ValueError(f"row {row} needs --row-set {row}:{need}=...")
     return sets
+
+
+def run_order(jobs, row_sets):
+    """(runs to do alone first, runs that may go in parallel) for jobs [(i, (row, seed)), ...].
+
+    Alone first: the first run, and the first run of every row with its own overrides (another
+    training file means another feature cache, which two runs at once would both build).
+    """
+    first_of_row = {}
+    for job in jobs:
+        first_of_row.setdefault(job[1][0], job)
+    serial = jobs[:1] + [first_of_row[r] for r in row_sets
+                         if r in first_of_row and first_of_row[r] is not jobs[0]]
+    return serial, [j for j in jobs if j not in serial]
 
 
 def final_validation(run_dir):
@@ -223,10 +238,11 @@ def main(argv=None):
             write_atomic(md_path, markdown(table, meta))
 
     jobs = list(enumerate(todo, 1))
-    if jobs:
-        one(*jobs[0][:1], *jobs[0][1])
+    serial, parallel = run_order(jobs, row_sets)
+    for i, (row, seed) in serial:
+        one(i, row, seed)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for f in [pool.submit(one, i, row, seed) for i, (row, seed) in jobs[1:]]:
+        for f in [pool.submit(one, i, row, seed) for i, (row, seed) in parallel]:
             f.result()
     table = summarize(runs, rows)
     write_atomic(json_path, json.dumps({"meta": meta, "table": table, "runs": runs},

@@ -54,3 +54,14 @@ def test_summary_is_mean_and_sample_std_per_row(ablation):
                                    "row_sets": {"recipe-zh": ["train_file=zh.tsv"]}})
     assert "| it | image-text | clip | 2 | 42.00 ± 2.83 |" in md
     assert "recipe-zh: train_file=zh.tsv" in md
+
+
+def test_first_run_and_first_of_each_overridden_row_go_alone(ablation):
+    jobs = list(enumerate([("it", 0), ("it", 1), ("recipe-zh", 0), ("recipe-zh", 1), ("recipe", 0)], 1))
+    serial, parallel = ablation.run_order(jobs, {"recipe-zh": ["train_file=zh.tsv"]})
+    assert serial == [(1, ("it", 0)), (3, ("recipe-zh", 0))]
+    assert parallel == [(2, ("it", 1)), (4, ("recipe-zh", 1)), (5, ("recipe", 0))]
+    # without per-row overrides only the first run goes alone; nothing is lost or repeated
+    serial, parallel = ablation.run_order(jobs, {})
+    assert serial == jobs[:1] and parallel == jobs[1:]
+    assert ablation.run_order([], {}) == ([], [])
