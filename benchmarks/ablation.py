@@ -211,7 +211,12 @@ def main(argv=None):
             "row_sets": row_sets, "rows": rows, "seeds": seeds}
     runs = []
     if args.resume and json_path.is_file():
-        runs = [r for r in json.loads(json_path.read_text(encoding="utf-8"))["runs"]
+        saved = json.loads(json_path.read_text(encoding="utf-8"))
+        same = ("config", "overrides", "row_sets")
+        if any(saved["meta"].get(k, {} if k == "row_sets" else None) != meta[k] for k in same):
+            ap.error(f"--resume: {json_path} was made with another config or other overrides "
+                     f"({ {k: saved['meta'].get(k) for k in same} }); use another --out-dir")
+        runs = [r for r in saved["runs"]
                 if r["steps"] == args.steps]
     done = {(r["row"], r["seed"]) for r in runs}
     todo = [(row, seed) for row in rows for seed in seeds if (row, seed) not in done]

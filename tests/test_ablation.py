@@ -1,5 +1,6 @@
 """benchmarks/ablation.py: per-row overrides and the table it reports (no training here)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,32 @@ def test_first_run_and_first_of_each_overridden_row_go_alone(ablation):
     serial, parallel = ablation.run_order(jobs, {})
     assert serial == jobs[:1] and parallel == jobs[1:]
     assert ablation.run_order([], {}) == ([], [])
+
+
+def _saved(tmp_path, ablation, overrides, row_sets):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 10\n", encoding="utf-8")
+    meta = {"config": str(cfg), "steps": 10, "overrides": overrides, "row_sets": row_sets,
+            "rows": ["it"], "seeds": [0, 1]}
+    runs = [_run("it", 0, 40.0, 20.0), _run("it", 1, 44.0, 22.0)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ablation.json").write_text(
+        json.dumps({"meta": meta, "table": [], "runs": runs}), encoding="utf-8")
+    return cfg, out
+
+
+def test_resume_reuses_runs_made_with_the_same_settings(ablation, tmp_path):
+    cfg, out = _saved(tmp_path, ablation, ["lr=0.1"], {})
+    # --steps comes from the config's max_steps; both seeds are done, so nothing is trained
+    assert ablation.main(["--out-dir", str(out), "--config", str(cfg), "--rows", "it",
+                          "--seeds", "0,1", "--resume", "lr=0.1"]) == 0
+    assert "| it | image-text | clip | 2 | 42.00 ± 2.83 |" in (out / "ablation.md").read_text(encoding="utf-8")
+
+
+def test_resume_refuses_runs_made_with_other_overrides(ablation, tmp_path, capsys):
+    cfg, out = _saved(tmp_path, ablation, ["lr=0.1"], {})
+    with pytest.raises(SystemExit):
+        ablation.main(["--out-dir", str(out), "--config", str(cfg), "--rows", "it",
+                       "--seeds", "0,1", "--resume", "lr=0.2"])
+    assert "made with another config or other overrides" in capsys.readouterr().err
