@@ -32,6 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "packages"))
+
+from ernievil2.config import ConfigError, load_config, parse_override  # noqa: E402
+import ernievil2.train.keys  # noqa: E402,F401  (declares the training keys in the schema)
 IT = ["image", "text", 1.0]
 # name -> (description, views, targets). Rows add one view to image-text, or switch the targets.
 ROWS = {
@@ -55,17 +59,22 @@ DEFAULT_ROWS = "it,it+ii,it+tt,it+tags,it-unicl,recipe"
 
 def parse_row_sets(items, rows):
     """['ROW:key=value', ...] -> {row: [key=value, ...]}; checks rows and the ROW_NEEDS keys."""
-    sets = {}
+    sets, keys = {}, {}
     for item in items:
         row, sep, kv = item.partition(":")
-        if not sep or "=" not in kv or not kv.split("=", 1)[0]:
+        try:
+            key = parse_override(kv)[0] if sep else ""
+        except ConfigError:
+            key = ""
+        if not key:
             raise ValueError(f"--row-set {item!r}: expected ROW:key=value")
         if row not in ROWS:
             raise ValueError(f"--row-set {item!r}: unknown row {row!r}; known: {list(ROWS)}")
         sets.setdefault(row, []).append(kv)
+        keys.setdefault(row, set()).add(key)
     for row in rows:
         need = ROW_NEEDS.get(row)
-        if need and not any(kv.split("=", 1)[0] == need for kv in sets.get(row, [])):
+        if need and need not in keys.get(row, ()):
             raise ValueError(f"row {row} needs --row-set {row}:{need}=...")
     return sets
 
@@ -200,9 +209,13 @@ def main(argv=None):
         row_sets = parse_row_sets(args.row_set, rows)
     except ValueError as e:
         ap.error(str(e))
+    try:  # every row's config as run_train.sh will read it: bad keys fail here, not mid-way
+        configs = {row: load_config(args.config, args.overrides + row_sets.get(row, []))
+                   for row in rows}
+    except ConfigError as e:
+        ap.error(str(e))
     if args.steps is None:
-        import yaml
-        args.steps = int(yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["max_steps"])
+        args.steps = int(configs[rows[0]].max_steps)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
