@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "packages"))
 
-from ernievil2.config import ConfigError, load_config, parse_override  # noqa: E402
-import ernievil2.train.keys  # noqa: E402,F401  (declares the training keys in the schema)
+from ernievil2.cli import load_train_config as load_config  # noqa: E402
+from ernievil2.config import ConfigError, parse_override  # noqa: E402
 IT = ["image", "text", 1.0]
 # name -> (description, views, targets). Rows add one view to image-text, or switch the targets.
 ROWS = {

@@ -211,7 +211,7 @@ def tower_worker(mode, config, tsv, overrides, batches):
     t_start = time.perf_counter()
     import numpy as np
 
-    from ernievil2.config import load_config
+    from ernievil2.cli import load_infer_config as load_config
     from ernievil2.data.pipeline import BatchLoader
     from ernievil2.device import select_device
     from ernievil2.engine import infer
@@ -413,7 +413,7 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from ernievil2.config import load_config
+    from ernievil2.cli import load_infer_config as load_config
     cfg = load_config(args.config, args.overrides)
     res = {"config": args.config, "overrides": args.overrides, "machine": machine_info(),
            "load_before": os.getloadavg(), "modes": {m: MODES[m] for m in modes}}

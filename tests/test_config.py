@@ -2,7 +2,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from ernievil2.config import OFFICIAL_KEYS, ConfigError, load_config
+from ernievil2.cli import load_infer_config as load_config, load_train_config
+from ernievil2.config import ConfigError
+from ernievil2.keys import OFFICIAL_KEYS
 
 OFFICIAL_YAML = {
     "input_dtype": "int64", "device": "gpu", "infer_batch_size": 10, "max_text_seqlen": 48,
@@ -50,3 +52,34 @@ def test_overrides_are_yaml_typed():
 
 def test_test_file_path_need_not_contain_coco():
     assert load_config(None, ["test_file=/data/flickr_test.tsv"]).test_file == "/data/flickr_test.tsv"
+
+
+def test_numeric_keys_accept_ints_and_store_floats():
+    cfg = load_train_config(None, ["lr=0", "ema_decay=0", "init_logit_scale=4"])
+    assert cfg.lr == 0.0 and isinstance(cfg.lr, float)
+    assert isinstance(cfg.init_logit_scale, float)
+    with pytest.raises(ConfigError, match="'ema_decay' = 1 is invalid"):
+        load_train_config(None, ["ema_decay=1"])
+
+
+def test_inference_config_names_training_keys_and_ignores_them(caplog):
+    with caplog.at_level("WARNING", logger="ernievil2"):
+        cfg = load_config(None, ["lr=0.1", "infer_batch_size=4"])
+    assert "lr" not in cfg and cfg.infer_batch_size == 4
+    assert "run_train.sh" in caplog.text and "lr" in caplog.text
+
+
+def test_bad_yaml_override_is_one_line():
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(None, ["image_model={base: vit_b16"])
+    assert "\n" not in str(e.value)
+
+
+def test_training_schema_is_inference_plus_training():
+    cfg = load_train_config(None, ["infer_batch_size=4", "max_steps=3"])
+    assert cfg.infer_batch_size == 4 and cfg.max_steps == 3
+
+
+def test_library_config_module_imports_no_key_tables():
+    import ernievil2.config as config
+    assert not hasattr(config, "SCHEMA") and not hasattr(config, "register_keys")

@@ -7,11 +7,11 @@ import paddle
 import pytest
 from conftest import ROOT, need_shared
 
+from ernievil2.models.params import count_parameters
 from ernievil2.models.efficientnet import (
     Conv2DSame,
     EfficientNet,
     build_efficientnet,
-    count_parameters,
     default_image_size,
     drop_connect,
     load_lite0_npz,

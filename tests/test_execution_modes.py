@@ -7,7 +7,7 @@ predictors with oneDNN.
 import numpy as np
 import pytest
 
-from ernievil2.config import load_config
+from ernievil2.cli import load_infer_config as load_config
 from ernievil2.engine.infer import run
 from ernievil2.export import CACHE_ENV, config_fingerprint
 from ernievil2.metrics.embeddings_io import read_embeddings

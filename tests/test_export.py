@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from ernievil2.config import load_config
+from ernievil2.cli import load_infer_config as load_config
 from ernievil2.deploy_encoder import DeployEncoder, ExportError, read_export_meta
 from ernievil2.engine.infer import build_for_inference
 from ernievil2.export import export_from_config

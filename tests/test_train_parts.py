@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernievil2.config import load_config
+from ernievil2.cli import load_train_config as load_config
 from ernievil2.data.tsv import DataError
 from ernievil2.models.factory import create_model
 from ernievil2.tokenizer import ErnieTokenizer

@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
-from ernievil2.config import ConfigError, load_config  # noqa: E402
+from ernievil2.cli import load_infer_config as load_config  # noqa: E402
+from ernievil2.config import ConfigError  # noqa: E402
 from ernievil2.device import select_device  # noqa: E402
 from ernievil2.export import ONNX_OPSET, export_from_config  # noqa: E402
 

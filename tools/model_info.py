@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tabulate import tabulate  # noqa: E402
 
-from ernievil2.config import load_config  # noqa: E402
+from ernievil2.cli import load_infer_config as load_config  # noqa: E402
 from ernievil2.models.summary import model_summary  # noqa: E402
 
 

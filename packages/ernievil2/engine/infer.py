@@ -16,14 +16,13 @@ from paddle.static import InputSpec
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import load_config
 from ..data.pipeline import BatchLoader
 from ..device import select_device
 from ..distributed import barrier, init_distributed
 from ..export import ensure_export
 from ..logging_utils import setup_logging
 from ..metrics.embeddings_io import write_embeddings
-from ..models.dual_encoder import count_parameters
+from ..models.params import count_parameters
 from ..models.factory import create_model, image_preprocess_spec
 from ..tokenizer import ErnieTokenizer
 from ..transforms import decode_image, make_eval_transform
@@ -218,5 +217,6 @@ def main(argv=None):
     p.add_argument("config", help="YAML config (official keys plus the project's; see README)")
     p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    from ..cli import load_infer_config
+    cfg = load_infer_config(args.config, args.overrides)
     run(cfg)

@@ -66,7 +66,3 @@ class ErnieViL2(nn.Layer):
         for tower in (self.visual, self.text_model):
             if hasattr(tower, "grad_checkpointing"):
                 tower.grad_checkpointing = enable
-
-
-def count_parameters(layer):
-    return int(sum(math.prod(p.shape) for p in layer.parameters()))

@@ -321,14 +321,6 @@ def build_efficientnet(name, with_classifier=False, **overrides):
     return EfficientNet(name, with_classifier=with_classifier, **overrides)
 
 
-def count_parameters(layer, trainable_only=True):
-    """Number of parameters. Paddle keeps BatchNorm running mean/variance as non-trainable
-    parameters; they are left out by default, matching the published counts (TF trainable
-    variables, torch parameters). Works on layers built under paddle.LazyGuard()."""
-    return int(sum(math.prod(p.shape) for p in layer.parameters()
-                   if not (trainable_only and p.stop_gradient)))
-
-
 # --- Lite0 weight port ----------------------------------------------------------------------------
 
 _BN_SUFFIX = {"weight": "weight", "bias": "bias", "running_mean": "_mean",

@@ -1,14 +1,8 @@
 """Parameter counts of a config's towers, built without allocating weights (paddle.LazyGuard)."""
 import paddle
 
-from .dual_encoder import count_parameters
+from .params import count_parameters
 from .factory import build_image_tower, create_model, image_preprocess_spec, resolve_image_spec
-
-
-def _trainable_count(layer):
-    # BatchNorm running statistics are (non-trainable) parameters in Paddle; published counts
-    # leave them out, so count trainable ones only.
-    return int(sum(p.size for p in layer.parameters() if not p.stop_gradient))
 
 
 def model_summary(image_model, text_model_config, embed_dim=None, image_size=None):
@@ -19,16 +13,16 @@ def model_summary(image_model, text_model_config, embed_dim=None, image_size=Non
         with_classifier = None
         if spec["type"] == "efficientnet":
             from .efficientnet import build_efficientnet
-            with_classifier = _trainable_count(build_efficientnet(spec["name"], with_classifier=True))
-    proj = sum(_trainable_count(p) for p in (model.visual_proj, model.text_proj) if p is not None)
+            with_classifier = count_parameters(build_efficientnet(spec["name"], with_classifier=True))
+    proj = sum(count_parameters(p) for p in (model.visual_proj, model.text_proj) if p is not None)
     return {
         "image_size": image_preprocess_spec(image_model, image_size)[0],
-        "image_tower": _trainable_count(model.visual),
+        "image_tower": count_parameters(model.visual),
         "image_tower_with_classifier": with_classifier,
-        "text_tower": _trainable_count(model.text_model),
+        "text_tower": count_parameters(model.text_model),
         "projections": proj,
         "embed_dim": model.embed_dim,
-        "total": _trainable_count(model),
+        "total": count_parameters(model),
         "tensors": len(model.state_dict()),
     }
 

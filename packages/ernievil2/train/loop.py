@@ -17,12 +17,11 @@ import yaml
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import load_config
 from ..device import select_device
 from ..distributed import all_reduce_gradients, barrier, init_distributed
 from ..logging_utils import setup_logging
 from ..losses import ContrastivePair, MultiViewContrastiveLoss
-from ..models.dual_encoder import count_parameters
+from ..models.params import count_parameters
 from ..models.factory import create_model, image_preprocess_spec
 from ..tokenizer import ErnieTokenizer
 from ..transforms import make_eval_transform, make_train_transform
@@ -253,8 +252,8 @@ class Trainer:
         with self._weights_for_eval():
             save_state_dict({k: v.numpy() for k, v in self.model.state_dict().items()},
                             os.path.join(final, "model.pdparams"))
-        from ..config import OFFICIAL_KEYS, PROJECT_KEYS
-        infer_cfg = {k: self.cfg[k] for k in list(OFFICIAL_KEYS) + list(PROJECT_KEYS)}
+        from ..keys import INFER_KEYS
+        infer_cfg = {k: self.cfg[k] for k in INFER_KEYS}
         infer_cfg["init_from_params"] = os.path.join(final, "model.pdparams")
         tmp = os.path.join(final, "infer.yaml.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -311,4 +310,5 @@ def main(argv=None):
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
     args = p.parse_args(argv)
-    Trainer(load_config(args.config, args.overrides)).fit()
+    from ..cli import load_train_config
+    Trainer(load_train_config(args.config, args.overrides)).fit()
