@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ernievil2.distributed import all_reduce_gradients, init_distributed  # noqa: E402
 from ernievil2.losses import MultiViewContrastiveLoss  # noqa: E402
-from ernievil2.models.factory import create_model  # noqa: E402
+from ernievil2.factory import build_dual_encoder as create_model  # noqa: E402
 from helpers import TINY_ERNIE, TINY_VIT  # noqa: E402
 
 N, SEED = 8, 1234

@@ -7,7 +7,7 @@ import pytest
 
 from ernievil2.checkpoint import (CheckpointError, detect_layout, load_checkpoint,
                                   official_to_paddlenlp, paddlenlp_to_official, read_state_dict)
-from ernievil2.models.factory import create_model
+from ernievil2.factory import build_dual_encoder as create_model
 from helpers import TINY_ERNIE, TINY_VIT
 from conftest import ROOT
 

@@ -73,8 +73,8 @@ def test_encoder_preprocesses_raw_inputs_as_the_pipeline(exported):
     pixels = np.stack([transform(decode_image(b)) for b in images])
     np.testing.assert_allclose(enc.encode_images(images, batch_size=2),
                                eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
-    from ernievil2.engine.infer import build_tokenizer
-    ids = build_tokenizer(cfg).batch_encode(TEXTS, padding="max_length")
+    from ernievil2.factory import create_tokenizer
+    ids = create_tokenizer(cfg).batch_encode(TEXTS, padding="max_length")
     emb = enc.encode_texts(TEXTS)
     np.testing.assert_allclose(emb, eager(model, "encode_text", ids), atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

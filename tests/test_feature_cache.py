@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernievil2.models.factory import create_model
+from ernievil2.factory import build_dual_encoder as create_model
 from ernievil2.tokenizer import ErnieTokenizer
 from ernievil2.train.data import MultiViewBatcher, TrainIndex
 from ernievil2.train.feature_cache import ImageFeatureCache, view_generator

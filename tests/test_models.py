@@ -4,7 +4,7 @@ import pytest
 
 from ernievil2.models.params import count_parameters
 from ernievil2.models.ernie import ErnieTextModel, load_ernie_config
-from ernievil2.models.factory import create_model, image_preprocess_spec, resolve_image_spec
+from ernievil2.factory import build_dual_encoder as create_model, image_preprocess_spec, resolve_image_spec
 from helpers import TINY_ERNIE, TINY_VIT
 
 

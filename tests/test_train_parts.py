@@ -5,7 +5,7 @@ import pytest
 
 from ernievil2.cli import load_train_config as load_config
 from ernievil2.data.tsv import DataError
-from ernievil2.models.factory import create_model
+from ernievil2.factory import build_dual_encoder as create_model
 from ernievil2.tokenizer import ErnieTokenizer
 from ernievil2.train.data import EpochSampler, MultiViewBatcher, TrainIndex
 from ernievil2.train.loop import build_loss

@@ -132,10 +132,10 @@ def load_config(path=None, overrides=(), *, schema, elsewhere=None, on_elsewhere
                           "README's configuration section")
     if foreign and on_elsewhere:
         on_elsewhere(foreign)
-    cfg = Config({k: spec.default for k, spec in schema.items()})
-    for k, v in data.items():
-        spec = schema[k]
-        if not spec.check(v):
+    cfg = Config()
+    for k, spec in schema.items():
+        v = data.get(k, spec.default)
+        if k in data and not spec.check(v):
             raise ConfigError(f"{where}: key {k!r} = {v!r} is invalid: expected {spec.expect}")
         cfg[k] = spec.coerce(v) if spec.coerce and v is not None else v
     return cfg

@@ -24,7 +24,7 @@ import paddle
 from paddle.static import InputSpec
 
 from .deploy_encoder import EXPORT_FORMAT, FORMAT_VERSION, META_FILE, read_export_meta
-from .models.factory import image_preprocess_spec
+from .factory import image_preprocess_spec
 
 log = logging.getLogger("ernievil2.export")
 
@@ -147,9 +147,9 @@ def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
 def export_from_config(cfg, out_dir, onnx=False, opset=ONNX_OPSET, verify=False):
     """Build the model of a run config (checkpoint loaded) and export it to `out_dir`; with
     `verify`, record verify_export's differences in encoder.json (`verified_max_abs_diff`)."""
-    from .engine.infer import build_for_inference  # late: the engine imports this module
+    from .factory import create_model
 
-    model, _, _ = build_for_inference(cfg)
+    model = create_model(cfg)
     size, mean, std = image_preprocess_spec(cfg.image_model, cfg.image_size)
     source = {"fingerprint": config_fingerprint(cfg), "init_from_params": cfg.init_from_params,
               "seed": cfg.seed, "image_model": cfg.image_model,

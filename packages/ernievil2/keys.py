@@ -2,6 +2,7 @@
 meaning, plus the project's own. run_infer.sh accepts these; run_train.sh accepts these and the
 training keys (`ernievil2.train.keys`)."""
 from .config import Key, is_bool, is_int, is_str, one_of, opt_int
+from .resources import text_config_path
 
 OFFICIAL_KEYS = {
     "input_dtype": Key("int64", one_of("int64", "int32"), "int64 or int32", "dtype of the token ids"),
@@ -9,7 +10,7 @@ OFFICIAL_KEYS = {
     "infer_batch_size": Key(10, is_int(1), "a positive int", "lines per batch and process"),
     "max_text_seqlen": Key(48, is_int(3), "an int >= 3", "text length in tokens, [CLS] and [SEP] included"),
     "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path", "vocab: `token\\tid` lines or one token a line"),
-    "text_model_config": Key("./packages/configs/text/ernie_3.0_base_zh.json", is_str, "a path", "ERNIE json config of the text tower"),
+    "text_model_config": Key("ernie-3.0-base-zh", is_str, "a path or a shipped name", "ERNIE json config of the text tower: a path, or a shipped name (ernie-3.0-base-zh, ernie-3.0-large-zh, ernie-2.0-base-en, ernie-2.0-large-en, ernie-demo-tiny, ernie-embed-mean)", coerce=text_config_path),
     "test_file": Key("", is_str, "a path", "TSV to embed: text \\t image_id \\t base64 image"),
     "output_file": Key("./test_out/cross_modal_embeddings.out", is_str, "a path", "embeddings output"),
     "init_from_params": Key("", is_str, "a path or empty", "checkpoint (official or PaddleNLP layout); empty = random weights"),

@@ -15,56 +15,29 @@ import paddle
 from paddle.static import InputSpec
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint
 from ..data.pipeline import BatchLoader
 from ..device import select_device
 from ..distributed import barrier, init_distributed
 from ..export import ensure_export
 from ..logging_utils import setup_logging
 from ..metrics.embeddings_io import write_embeddings
-from ..models.params import count_parameters
-from ..models.factory import create_model, image_preprocess_spec
-from ..tokenizer import ErnieTokenizer
-from ..transforms import decode_image, make_eval_transform
+from ..factory import (create_model_and_transforms, create_tokenizer, create_transforms,
+                       image_preprocess_spec, text_encoder)
+from ..transforms import decode_image
 
 log = logging.getLogger("ernievil2.infer")
 
 
-def build_tokenizer(cfg):
-    return ErnieTokenizer.from_file(
-        cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_token=cfg.pad_token,
-        cls_token=cfg.cls_token, sep_token=cfg.sep_token, mask_token=cfg.mask_token)
-
-
 def build_preprocess(cfg):
     """The image transform and the text encoder (texts -> padded ids) of a config."""
-    size, mean, std = image_preprocess_spec(cfg.image_model, cfg.image_size)
-    transform = make_eval_transform(size, mean=mean, std=std)
-    tokenizer = build_tokenizer(cfg)
-
-    def encode_texts(texts):
-        return tokenizer.batch_encode(texts, padding=cfg.text_padding).astype(cfg.input_dtype)
-
-    return transform, encode_texts
+    _, transform = create_transforms(cfg)
+    return transform, text_encoder(cfg, create_tokenizer(cfg))
 
 
 def build_for_inference(cfg):
     """Model (eval mode, checkpoint loaded), image transform and text encoder from a config."""
-    paddle.seed(cfg.seed)
-    model = create_model(cfg.image_model, cfg.text_model_config, embed_dim=cfg.embed_dim,
-                         image_size=cfg.image_size)
-    if cfg.init_from_params:
-        info = load_checkpoint(model, cfg.init_from_params)
-        log.info("checkpoint %s: %s layout, %d tensors loaded", cfg.init_from_params,
-                 info["layout"], info["loaded"])
-    else:
-        log.warning("init_from_params is empty: the model has RANDOM weights (seed %d)", cfg.seed)
-    model.eval()
-    log.info("parameters: image tower %s, text tower %s, total %s",
-             f"{count_parameters(model.visual):,}", f"{count_parameters(model.text_model):,}",
-             f"{count_parameters(model):,}")
-    transform, encode_texts = build_preprocess(cfg)
-    return model, transform, encode_texts
+    model, _, transform, tokenizer = create_model_and_transforms(cfg)
+    return model, transform, text_encoder(cfg, tokenizer)
 
 
 class Towers(NamedTuple):

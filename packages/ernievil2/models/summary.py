@@ -2,12 +2,12 @@
 import paddle
 
 from .params import count_parameters
-from .factory import build_image_tower, create_model, image_preprocess_spec, resolve_image_spec
+from ..factory import build_dual_encoder, build_image_tower, image_preprocess_spec, resolve_image_spec
 
 
 def model_summary(image_model, text_model_config, embed_dim=None, image_size=None):
     with paddle.LazyGuard():
-        model = create_model(image_model, text_model_config, embed_dim=embed_dim,
+        model = build_dual_encoder(image_model, text_model_config, embed_dim=embed_dim,
                              image_size=image_size)
         spec = resolve_image_spec(image_model)
         with_classifier = None

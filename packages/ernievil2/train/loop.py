@@ -22,7 +22,7 @@ from ..distributed import all_reduce_gradients, barrier, init_distributed
 from ..logging_utils import setup_logging
 from ..losses import ContrastivePair, MultiViewContrastiveLoss
 from ..models.params import count_parameters
-from ..models.factory import create_model, image_preprocess_spec
+from ..factory import build_dual_encoder, image_preprocess_spec
 from ..tokenizer import ErnieTokenizer
 from ..transforms import make_eval_transform, make_train_transform
 from . import checkpointing as ckpt
@@ -39,7 +39,7 @@ IMAGE_VIEWS, TEXT_VIEWS = ("image", "image_aug"), ("text", "text_aug", "tags")
 
 def build_model(cfg):
     paddle.seed(cfg.seed)  # identical initial weights on every process
-    model = create_model(cfg.image_model, cfg.text_model_config, embed_dim=cfg.embed_dim,
+    model = build_dual_encoder(cfg.image_model, cfg.text_model_config, embed_dim=cfg.embed_dim,
                          image_size=cfg.image_size)
     if cfg.init_from_params:
         info = load_checkpoint(model, cfg.init_from_params)
