@@ -146,6 +146,18 @@ def test_a_server_ignoring_range_restarts_the_file(server):
         assert f.read() == SMALL_VOCAB
 
 
+def test_a_complete_part_file_is_finished_without_a_body(server):
+    entry = vocab_entry(SMALL_VOCAB)
+    server.serve(entry, SMALL_VOCAB)
+    os.makedirs(os.path.dirname(pretrained.raw_path(entry)))
+    with open(pretrained.raw_path(entry) + ".part", "wb") as f:
+        f.write(SMALL_VOCAB)
+    out = download(entry.name, registry={entry.name: entry}, progress=False)
+    assert [r for _, r in server.requests] == [f"bytes={len(SMALL_VOCAB)}-"]  # answered 416
+    with open(out, "rb") as f:
+        assert f.read() == SMALL_VOCAB
+
+
 def test_md5_mismatch_is_rejected_and_deleted(server):
     entry = vocab_entry(SMALL_VOCAB)
     corrupt = bytearray(SMALL_VOCAB)
@@ -281,7 +293,7 @@ def test_a_file_that_is_not_a_checkpoint_is_rejected(server, tmp_path, tiny_mode
 
 
 # ---------------------------------------------------------------------- timm Lite0
-def timm_safetensors(model, path, drop=()):
+def timm_safetensors(model, path, drop=(), extra=None):
     """Write `model`'s weights as timm names them (torch Linear layout, BN counters included)."""
     from safetensors.numpy import save_file
 
@@ -294,6 +306,8 @@ def timm_safetensors(model, path, drop=()):
             tensors[theirs.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
     for k in drop:
         del tensors[k]
+    for k, shape in (extra or {}).items():
+        tensors[k] = np.zeros(shape, np.float32)
     save_file(tensors, str(path))
     return path.read_bytes()
 
@@ -328,9 +342,13 @@ def test_timm_file_of_another_network_is_rejected(server, tmp_path):
     model = build_efficientnet("lite0", with_classifier=True)
     entry = lite0_entry()
     server.serve(entry, timm_safetensors(model, tmp_path / "model.safetensors",
-                                         drop=["blocks.3.2.bn2.running_mean"]))
-    with pytest.raises(DownloadError, match=r"missing \(1\): blocks.3.2.bn2.running_mean.*rejected"):
+                                         drop=["blocks.3.2.bn2.running_mean"],
+                                         extra={"blocks.1.0.se.conv_reduce.weight": (4, 96, 1, 1)}))
+    with pytest.raises(DownloadError) as err:
         download(entry.name, progress=False)
+    msg = str(err.value)
+    assert "missing (1): blocks.7.bn_depthwise._mean" in msg  # timm's stage 3, block 2
+    assert "unexpected (1): blocks.1.0.se.conv_reduce.weight" in msg and "rejected" in msg
     assert leftovers(pretrained.home()) == []
 
 

@@ -61,9 +61,13 @@ def fetch(url, dest, *, timeout=60, progress=True):
         raise DownloadError(f"cannot reach {url} ({reason}); offline? Copy that file by hand to "
                             f"{dest} and run the command again") from None
     with resp:
-        if have and not (resp.status == 206 and
-                         resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
-            have = 0  # the server ignored the Range request: start over
+        if have and resp.status != 206:
+            have = 0  # the server ignores Range requests: start over
+        elif have and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            os.remove(part)
+            raise Interrupted(f"{url}: the server resumed at another offset "
+                              f"({resp.headers.get('Content-Range')}); the partial file is dropped, "
+                              "run the command again")
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         got = have
@@ -179,16 +183,14 @@ def convert_timm_lite0(raw, dest, entry):
 
     from .factory import resolve_image_spec
     from .models.efficientnet import build_efficientnet
-    from .models.lite0_timm import state_from_timm, tower_checkpoint
+    from .models.lite0_timm import from_timm, tower_checkpoint
 
     tensors = _readable(_read_safetensors, raw, "safetensors file")
     with paddle.LazyGuard():
         model = build_efficientnet(resolve_image_spec(entry.model["image_model"])["name"],
                                    with_classifier=True)
-    try:
-        state = state_from_timm(tensors, model, where=raw)
-    except ValueError as e:
-        raise DownloadError(str(e)) from None
+    state = from_timm(tensors, model)
+    check_state(state, {k: list(v.shape) for k, v in model.state_dict().items()}, entry, raw)
     with atomic_path(dest) as tmp:
         paddle.save(tower_checkpoint(state), tmp)
 

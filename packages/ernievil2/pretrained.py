@@ -61,7 +61,7 @@ REGISTRY = {e.name: e for e in (
           "https://huggingface.co/timm/tf_efficientnet_lite0.in1k/resolve/main/model.safetensors",
           "timm_lite0", ".pdparams", None,
           "timm tf_efficientnet_lite0.in1k (ImageNet-1k, ported from the TF EfficientNet-Lite release)",
-          {"image_model": "efficientnet_lite0"}),
+          {"image_model": "efficientnet_lite0"}, tensors=247),  # 245 for the tower, 2 for the head
 )}
 
 
