@@ -48,6 +48,8 @@ def value(sd, name):
 
 # ------------------------------------------------------------------------------ the model
 def test_temperatures_are_model_parameters_under_official_and_train_heads_names():
+    assert OFFICIAL_TEMPERATURE_B == pytest.approx(math.log(1 / 0.07))
+    assert OFFICIAL_TEMPERATURE_B == pytest.approx(2.65926, abs=1e-5)
     m = tiny_model()
     assert "contrastive_loss_mm.temperature_b" in m.state_dict()
     assert not any(k.startswith("train_heads.") for k in m.state_dict())  # inference model

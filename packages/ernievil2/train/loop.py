@@ -70,7 +70,6 @@ class Run:
     cfg: Any
     rank: int
     world: int
-    amp: str
     model: Any
     loss: MultiViewContrastiveLoss
     optimizer: Any
@@ -170,8 +169,7 @@ def build_encoders(model, views, amp, cached_images):
 
 
 def build_feature_cache(cfg, model, data, rank, world):
-    """The frozen image tower's features, after any resume: the cache must hold the features of
-    the tower actually trained."""
+    """The frozen image tower's features on K fixed views of every training image."""
     cache_seed = cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed
     cache = ImageFeatureCache.load_or_build(
         cfg.image_feature_cache_dir, model.visual, data.index, cfg.image_feature_cache,
@@ -325,55 +323,41 @@ def write_final(run):
 
 
 # ------------------------------------------------------------------------------------- train
-def train(cfg):
-    """Train as `cfg` (a loaded training config) says; rank 0 writes output_dir."""
-    rank, world = init_distributed()
-    check_config(cfg, world)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
-    place, amp = select_device(cfg.device, cfg.amp)
-    model = build_model(cfg)
-    data = build_data(cfg, model, rank, world)
-    loss = build_loss(cfg)
-    optimizer, decayed = build_optimizer(model, cfg)
-    views = data.views
+def build_run(cfg, rank, world, amp, model, data):
+    """Loss, optimizer, loss scaler, EMA and the step settings around the model."""
     local_batch = cfg.batch_size // world
     micro = cfg.micro_batch_size if 0 < cfg.micro_batch_size < local_batch else 0
-    run = Run(cfg=cfg, rank=rank, world=world, amp=amp, model=model, loss=loss,
+    optimizer, decayed = build_optimizer(model, cfg)
+    run = Run(cfg=cfg, rank=rank, world=world, model=model, loss=build_loss(cfg),
               optimizer=optimizer, params=[p for p in model.parameters() if not p.stop_gradient],
-              views=views, micro=micro, scaler=build_scaler(amp, micro),
+              views=data.views, micro=micro, scaler=build_scaler(amp, micro),
               ema=ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None,
               freeze_bn=cfg.freeze_bn_stats is True or (
                   cfg.freeze_bn_stats == "auto" and bool(micro) and has_batchnorm(model.visual)),
               best={"step": None, "score": -1.0})
     log.info("config: %s", dict(cfg))
-    log.info("%d process(es) on %s; global batch %d (%d per process%s); views %s; pairs %s; "
-             "targets %s", world, place, cfg.batch_size, local_batch,
-             f", GradCache micro-batch {micro}" if micro else "", views,
-             [p.key for p in loss.pairs], cfg.targets)
+    log.info("%d process(es); global batch %d (%d per process%s); views %s; pairs %s; targets %s",
+             world, cfg.batch_size, local_batch, f", GradCache micro-batch {micro}" if micro else "",
+             data.views, [p.key for p in run.loss.pairs], cfg.targets)
     log.info("parameters: image %s, text %s, trainable %s (%d decayed tensors); %d training "
              "lines, %d steps per epoch; BN statistics %s", f"{count_parameters(model.visual):,}",
              f"{count_parameters(model.text_model):,}", f"{sum(p.size for p in run.params):,}",
              len(decayed), len(data.index), data.sampler.steps_per_epoch,
              "frozen" if run.freeze_bn else "batch")
+    return run
 
-    paddle.seed(cfg.seed * 1000 + rank + 1)  # dropout differs across processes
-    resume_path = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
-    if resume_path:
-        resume(run, resume_path)
-    cached = bool(cfg.image_feature_cache) and any(v in IMAGE_VIEWS for v in views)
-    if cached:
-        build_feature_cache(cfg, model, data, rank, world)
-    run.encoders = build_encoders(model, views, amp, cached)
 
+def train_loop(run, data):
+    """Steps from run.step to max_steps, with logs, validation and checkpoints."""
+    cfg = run.cfg
     set_train_modes(run)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, unit="step", disable=rank != 0,
+    bar = tqdm(total=cfg.max_steps, initial=run.step, unit="step", disable=run.rank != 0,
                desc="train", dynamic_ncols=True)
     t_last, samples = time.time(), 0
     while run.step < cfg.max_steps:
         epoch, rows = data.sampler.rows(run.step)
         batch = data.batcher.batch(epoch, rows)
-        optimizer.set_lr(lr_at(run.step, cfg))
+        run.optimizer.set_lr(lr_at(run.step, cfg))
         info = train_one_step(run, batch)
         run.step += 1
         samples += cfg.batch_size
@@ -387,6 +371,27 @@ def train(cfg):
         if run.step % cfg.save_every == 0 or last:
             save_step(run, val)
     bar.close()
+
+
+def train(cfg):
+    """Train as `cfg` (a loaded training config) says; rank 0 writes output_dir."""
+    rank, world = init_distributed()
+    check_config(cfg, world)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
+    _, amp = select_device(cfg.device, cfg.amp)
+    model = build_model(cfg)
+    data = build_data(cfg, model, rank, world)
+    run = build_run(cfg, rank, world, amp, model, data)
+    paddle.seed(cfg.seed * 1000 + rank + 1)  # dropout differs across processes
+    resume_path = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+    if resume_path:
+        resume(run, resume_path)
+    cached = bool(cfg.image_feature_cache) and any(v in IMAGE_VIEWS for v in data.views)
+    if cached:  # after any resume: the cache must hold the features of the tower actually trained
+        build_feature_cache(cfg, model, data, rank, world)
+    run.encoders = build_encoders(model, data.views, amp, cached)
+    train_loop(run, data)
     write_final(run)
     data.batcher.close()
     barrier()
