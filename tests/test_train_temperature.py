@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import paddle
