@@ -89,25 +89,36 @@ def encoders(towers):
     return {"image": towers["image"], "image_aug": towers["image"], "text": towers["text"]}
 
 
-def trainable(towers, loss):
+def temperatures():
+    """One trainable log temperature per pair (in training the model owns them)."""
+    return {f"{a}-{b}": paddle.create_parameter([1], "float32",
+                                                default_initializer=nn.initializer.Constant(2.0))
+            for a, b, _ in PAIRS}
+
+
+def trainable(towers, temps):
     named = [(n, p) for n, p in towers.named_parameters() if not p.stop_gradient]
-    return named + [(f"loss.{n}", p) for n, p in loss.named_parameters()]
+    return named + [(f"temperature.{k}", p) for k, p in temps.items()]
 
 
 def run_scenario(towers, loss_kwargs, use_gradcache, start, stop, rank, world):
     """Loss on rows [start, stop) of the global batch against all ranks; returns the loss value."""
-    loss = MultiViewContrastiveLoss(PAIRS, init_logit_scale=2.0, **loss_kwargs)
+    loss = MultiViewContrastiveLoss(PAIRS, **loss_kwargs)
+    temps = temperatures()
     batch = rows_of(global_batch(), start, stop)
     ids = paddle.to_tensor(IDS[start:stop])
+
+    def loss_fn(feats):
+        scales = {k: paddle.exp(t) for k, t in temps.items()}
+        return loss(feats, scales, ids=ids, rank=rank, world_size=world)
+
     if use_gradcache:
-        value = gradcache_step(encoders(towers), loss, batch, micro_batch_size=2,
-                               loss_kwargs=dict(ids=ids, rank=rank, world_size=world))["loss"]
+        value = gradcache_step(encoders(towers), loss_fn, batch, micro_batch_size=2)["loss"]
     else:
-        feats = {v: fn(batch[v]) for v, fn in encoders(towers).items()}
-        total, _ = loss(feats, ids=ids, rank=rank, world_size=world)
+        total, _ = loss_fn({v: fn(batch[v]) for v, fn in encoders(towers).items()})
         total.backward()
         value = float(total)
-    params = trainable(towers, loss)
+    params = trainable(towers, temps)
     distributed.all_reduce_gradients([p for _, p in params], average=True)
     grads = {n: p.grad.numpy().copy() for n, p in params}
     for _, p in params:

@@ -8,7 +8,6 @@ from ernievil2.data.tsv import DataError
 from ernievil2.factory import build_dual_encoder as create_model
 from ernievil2.tokenizer import ErnieTokenizer
 from ernievil2.train.data import EpochSampler, MultiViewBatcher, TrainIndex
-from ernievil2.train.loop import build_loss
 from ernievil2.train.optim import build_optimizer, lr_at, param_groups
 from ernievil2.transforms import make_eval_transform, make_train_transform
 from helpers import TINY_ERNIE, TINY_VIT, make_image, tsv_line, write_vocab
@@ -99,19 +98,19 @@ def test_no_weight_decay_on_norms_biases_embeddings_temperatures():
     cfg = load_config(None, ["lr=0.001", "image_lr=0.0001"])
     paddle.seed(0)
     model = create_model(dict(TINY_VIT), dict(TINY_ERNIE))
-    loss = build_loss(load_config(None, ["views=[[image, text, 1.0], [text, text_aug, 0.5]]"]), model)
-    groups, decay = param_groups(model, loss, cfg)
+    model.add_temperatures([("image", "text"), ("text", "text_aug")])
+    groups, decay = param_groups(model, cfg)
     names = {p.name: n for n, p in model.named_parameters()}
     decayed = {names[n] for n in decay if n in names}
     assert "text_model.encoder_stack.block.0.attn.q.weight" in decayed
     assert "visual.blocks.0.mlp.fc1.weight" in decayed
     for n in ("text_model.word_emb.weight", "text_model.pos_emb.weight", "visual.class_embedding",
               "visual.positional_embedding", "text_model.ln.weight", "visual.blocks.0.attn.qkv.bias",
-              "contrastive_loss_mm.temperature_b"):
+              "contrastive_loss_mm.temperature_b", "train_heads.temperature_text__text_aug"):
         assert n not in decayed, n
     mults = sorted(g["learning_rate"] for g in groups)
     assert mults == pytest.approx([0.1, 1.0])
-    opt, _ = build_optimizer(model, loss, cfg)
+    opt, _ = build_optimizer(model, cfg)
     assert opt is not None
 
 
@@ -120,7 +119,7 @@ def test_frozen_tower_is_left_out_of_the_optimizer():
     cfg = load_config(None)
     model = create_model(dict(TINY_VIT), dict(TINY_ERNIE))
     freeze(model.visual)
-    groups, _ = param_groups(model, build_loss(cfg, model), cfg)
+    groups, _ = param_groups(model, cfg)
     ids = {id(p) for g in groups for p in g["params"]}
     assert not any(id(p) in ids for p in model.visual.parameters())
 
@@ -134,15 +133,6 @@ def test_warmup_then_cosine():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
 
 
-def test_image_text_temperature_is_the_model_parameter_under_its_official_name():
-    cfg = load_config(None, ["init_logit_scale=3.0"])
-    model = create_model(dict(TINY_VIT), dict(TINY_ERNIE))
-    loss = build_loss(cfg, model)
-    assert loss.temperature("image-text") is model.contrastive_loss_mm.temperature_b
-    assert model.contrastive_loss_mm.temperature_b.item() == pytest.approx(3.0)
-    model.contrastive_loss_mm.temperature_b.set_value(paddle.full([1], 9.0))
-    loss.clamp_()
-    assert model.contrastive_loss_mm.temperature_b.item() == pytest.approx(4.6052)
 
 
 def test_validation_reports_both_protocols_in_percent(tmp_path):

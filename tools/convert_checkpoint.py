@@ -4,6 +4,8 @@
 
 The input layout is detected from the tensor names. PaddleNLP's ViT keeps q/k/v apart where the
 official fuses them into `qkv` (q|k|v on the output axis); Linear weights are [in, out] in both.
+Training-only tensors (`train_heads.*`, from a training checkpoint) are left out: the output holds
+the inference model's names only.
 """
 import argparse
 import os

@@ -2,7 +2,10 @@
 
 The project's own parameter names are the official ones, so an official file loads as it is; a
 PaddleNLP `model_state.pdparams` is renamed (and its ViT q/k/v fused into the official `qkv`,
-laid out q|k|v on the output axis). The layout is detected from the names. Loading is strict.
+laid out q|k|v on the output axis). The layout is detected from the names. Loading is strict,
+except for the training-only `train_heads.*` tensors (view-pair temperatures, see
+models/dual_encoder.py): inference drops them with a log line; training loads those its model has
+and keeps its own initial value for the others.
 """
 import logging
 import os
@@ -10,6 +13,9 @@ import re
 
 import numpy as np
 import paddle
+
+from .fileio import atomic_path
+from .models.dual_encoder import TRAIN_HEADS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +143,11 @@ def to_model_layout(sd):
     return sd, layout
 
 
-def load_checkpoint(model, path, strict=True, prefix_filter=None):
+def load_checkpoint(model, path, strict=True, prefix_filter=None, training=False):
     """Load `path` into `model`. Strict: missing, unexpected or mis-shaped tensors stop the load
-    with their names. Returns a dict with the layout found and what was loaded."""
+    with their names. `train_heads.*` tensors the model lacks are dropped (one log line); with
+    training=True those the model has but the checkpoint lacks keep their value and are listed
+    in the result's "initialised". Returns a dict with the layout found and what was loaded."""
     sd, layout = to_model_layout(read_state_dict(path))
     dropped = [n for n in sd if n.startswith(DROPPED_PREFIXES)]
     for n in dropped:
@@ -149,7 +157,15 @@ def load_checkpoint(model, path, strict=True, prefix_filter=None):
     own = model.state_dict()
     if prefix_filter:  # e.g. load only an image tower: "visual."
         own = {k: v for k, v in own.items() if k.startswith(prefix_filter)}
-    missing = sorted(set(own) - set(sd))
+    heads = sorted(n for n in sd if n.startswith(TRAIN_HEADS_PREFIX) and n not in own)
+    for n in heads:
+        del sd[n]
+    if heads:
+        log.info("%s: dropped %d training-only tensors (%s*), not used by this model", path,
+                 len(heads), TRAIN_HEADS_PREFIX)
+    initialised = sorted(k for k in own if k not in sd and training
+                         and k.startswith(TRAIN_HEADS_PREFIX))
+    missing = sorted(set(own) - set(sd) - set(initialised))
     unexpected = sorted(set(sd) - set(own))
     mis_shaped = sorted(f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
                         for k in set(own) & set(sd) if list(sd[k].shape) != list(own[k].shape))
@@ -167,19 +183,25 @@ def load_checkpoint(model, path, strict=True, prefix_filter=None):
     for k in to_set:
         own[k].set_value(sd[k].astype(np.float32) if sd[k].dtype == np.float64 else sd[k])
     log.info("loaded %s: %s layout, %d tensors", path, layout, len(to_set))
-    return {"layout": layout, "loaded": len(to_set), "dropped": dropped,
-            "missing": missing, "unexpected": unexpected}
+    return {"layout": layout, "loaded": len(to_set), "dropped": dropped + heads,
+            "missing": missing, "unexpected": unexpected, "initialised": initialised}
+
+
+def inference_state_dict(model):
+    """The model's state dict without the training-only tensors: what inference loads."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(TRAIN_HEADS_PREFIX)}
 
 
 def save_state_dict(sd, path):
     """Atomic save: a crash never leaves a half-written checkpoint under the final name."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    paddle.save(sd, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        paddle.save(sd, tmp)
 
 
 def convert_checkpoint(src, dst, to):
+    """Write `src` in layout `to`, without training-only tensors. Returns (layout found, count)."""
     sd, layout = to_model_layout(read_state_dict(src))
+    sd = {k: v for k, v in sd.items() if not k.startswith(TRAIN_HEADS_PREFIX)}
     if to == PADDLENLP:
         sd = official_to_paddlenlp(sd)
     elif to != OFFICIAL:

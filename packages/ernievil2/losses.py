@@ -1,24 +1,17 @@
 """Multi-view contrastive loss (ERNIE-ViL 2.0): symmetric InfoNCE over several view pairs, e.g.
-image-text, image-image_aug, text-text_aug, image-tags, each with its own learnable temperature.
+image-text, image-image_aug, text-text_aug, image-tags, each with its own temperature.
 
-Fixes the two bugs of the official utils/loss.py (see ../shared/docs/official_release.md):
-1. Negatives really come from every rank, with gradient: rows of this rank are scored against the
-   features of ALL ranks (gathered by `ernievil2.distributed.gather_features`), never against the
-   local ones only.
-2. The temperature clamp really clamps: `clamp_()` writes the clipped value into the parameter
-   (call it after every optimizer step), and `forward` clips again so the scale it uses can never
-   exceed exp(max_logit_scale), even between a step and the clamp.
+The loss has no parameters: features and logit scales in, loss out (like open_clip's ClipLoss).
+The model owns the temperatures and their clamp (`ErnieViL2.logit_scales`,
+`ErnieViL2.clamp_temperatures_` in models/dual_encoder.py, which also fix the official clamp that
+changed nothing).
+
+Fixes a bug of the official utils/loss.py (see ../shared/docs/official_release.md): negatives
+really come from every rank, with gradient: rows of this rank are scored against the features of
+ALL ranks (gathered by `ernievil2.distributed.gather_features`), never against the local ones only.
 
 Conventions
-- Temperatures are stored in log space like the official `temperature_b`: logit scale =
-  exp(clip(t, min_logit_scale, max_logit_scale)); init log(1/0.07) = 2.65926, max log(100).
-- Parameter names (state_dict keys of this layer): the image-text pair's parameter is called
-  `temperature_b`, so mounting this layer as `model.contrastive_loss_mm` reproduces the official
-  key `contrastive_loss_mm.temperature_b`; any other pair (a, b) is `temperature_<a>__<b>`
-  (e.g. `temperature_image__image_aug`). `param_names()` returns the mapping pair key -> name.
-  A parameter owned elsewhere (e.g. the model's `contrastive_loss_mm.temperature_b`) can be used
-  instead via `shared_temperatures={'image-text': param}`; it is then not registered here (so
-  optimizers see it once) but is still clamped by `clamp_()`.
+- Pair key: 'view_a-view_b' as configured; `logit_scales` is keyed by it.
 - Loss value: each pair's loss is (CE(a->b) + CE(b->a)) / 2 averaged over this rank's rows
   (local_loss=True) or over the global batch (local_loss=False); total = sum(weight * pair loss).
   With all-reduce-averaged gradients (DataParallel or distributed.all_reduce_gradients) both modes
@@ -30,18 +23,11 @@ Conventions
   the clip loss; otherwise it is bounded below by the mean entropy of the target rows,
   mean_i log(#rows sharing row i's id).
 """
-import math
 from typing import NamedTuple
 
 import paddle
-import paddle.nn as nn
 
 from ernievil2 import distributed
-
-OFFICIAL_TEMPERATURE_B = math.log(1 / 0.07)  # 2.65926
-MAX_LOGIT_SCALE = math.log(100.0)
-OFFICIAL_PAIR = frozenset(("image", "text"))
-OFFICIAL_PARAM_NAME = "temperature_b"
 
 
 class ContrastivePair(NamedTuple):
@@ -52,13 +38,6 @@ class ContrastivePair(NamedTuple):
     @property
     def key(self):
         return f"{self.view_a}-{self.view_b}"
-
-
-def temperature_param_name(view_a, view_b):
-    """The state_dict name this module gives the temperature of the pair (view_a, view_b)."""
-    if frozenset((view_a, view_b)) == OFFICIAL_PAIR:
-        return OFFICIAL_PARAM_NAME
-    return f"temperature_{view_a}__{view_b}"
 
 
 def log_softmax(logits):
@@ -89,83 +68,38 @@ def id_targets(row_ids, col_ids):
     return eq / count
 
 
-class MultiViewContrastiveLoss(nn.Layer):
+class MultiViewContrastiveLoss:
     """Weighted sum of symmetric contrastive losses over view pairs (see module docstring).
 
     pairs: iterable of ContrastivePair or (view_a, view_b[, weight]) tuples; an unordered pair may
         appear once.
-    init_logit_scale: log-space init of every temperature (float) or a dict pair key -> float.
-    max_logit_scale / min_logit_scale: log-space clamp bounds (CLIP's [0, log 100]).
-    targets: 'clip' or 'unicl' (needs `ids` in forward).
+    targets: 'clip' or 'unicl' (needs `ids`).
     local_loss: score local rows against all ranks' columns (True, cheaper) or the full global
         logit matrix on every rank (False). gather_with_grad: exact gradients through the other
         ranks' features (True) or treat them as constants (False, cheaper, not exact).
-    shared_temperatures: optional dict pair key -> existing [1] Parameter to use for that pair.
     """
 
-    def __init__(self, pairs, init_logit_scale=OFFICIAL_TEMPERATURE_B,
-                 max_logit_scale=MAX_LOGIT_SCALE, min_logit_scale=0.0, targets="clip",
-                 local_loss=True, gather_with_grad=True, shared_temperatures=None):
-        super().__init__()
+    def __init__(self, pairs, targets="clip", local_loss=True, gather_with_grad=True):
         if targets not in ("clip", "unicl"):
             raise ValueError(f"targets must be 'clip' or 'unicl', got {targets!r}")
-        if not min_logit_scale <= max_logit_scale:
-            raise ValueError(f"min_logit_scale {min_logit_scale} > max_logit_scale {max_logit_scale}")
         self.pairs = [p if isinstance(p, ContrastivePair) else ContrastivePair(*p) for p in pairs]
         if not self.pairs:
             raise ValueError("MultiViewContrastiveLoss needs at least one view pair")
-        self.targets = targets
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.max_logit_scale = float(max_logit_scale)
-        self.min_logit_scale = float(min_logit_scale)
-        shared = dict(shared_temperatures or {})
-
-        seen, self._names, self._shared = set(), {}, {}
+        seen = set()
         for p in self.pairs:
             if p.view_a == p.view_b:
                 raise ValueError(f"pair {p.key}: the two views must differ")
-            unordered = frozenset((p.view_a, p.view_b))
-            if unordered in seen:
+            if frozenset((p.view_a, p.view_b)) in seen:
                 raise ValueError(f"pair {p.key} given twice")
-            seen.add(unordered)
-            name = temperature_param_name(p.view_a, p.view_b)
-            self._names[p.key] = name
-            if p.key in shared:
-                self._shared[p.key] = shared.pop(p.key)
-                continue
-            init = (init_logit_scale[p.key] if isinstance(init_logit_scale, dict)
-                    else init_logit_scale)
-            self.add_parameter(name, self.create_parameter(
-                [1], default_initializer=nn.initializer.Constant(float(init))))
-        if shared:
-            raise ValueError(f"shared_temperatures for unknown pairs: {sorted(shared)}")
+            seen.add(frozenset((p.view_a, p.view_b)))
+        self.targets = targets
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
 
-    def param_names(self):
-        """pair key -> state_dict name within this layer (None for a shared parameter)."""
-        return {k: (None if k in self._shared else n) for k, n in self._names.items()}
-
-    def temperature(self, pair_key):
-        """The log-space temperature Parameter of a pair ('image-text', ...)."""
-        if pair_key in self._shared:
-            return self._shared[pair_key]
-        return getattr(self, self._names[pair_key])
-
-    def logit_scale(self, pair_key):
-        """exp of the clipped temperature: the multiplier forward applies to cosine similarities."""
-        t = self.temperature(pair_key)
-        return paddle.exp(paddle.clip(t, self.min_logit_scale, self.max_logit_scale))
-
-    @paddle.no_grad()
-    def clamp_(self):
-        """Clamp every temperature in place to [min_logit_scale, max_logit_scale]. Call after each
-        optimizer step (the official code's clip returned a new tensor and changed nothing)."""
-        for p in self.pairs:
-            t = self.temperature(p.key)
-            t.set_value(paddle.clip(t, self.min_logit_scale, self.max_logit_scale))
-
-    def forward(self, features, ids=None, rank=None, world_size=None):
+    def forward(self, features, logit_scales, ids=None, rank=None, world_size=None):
         """features: view name -> this rank's L2-normalised [b, D] features (same b for all).
+        logit_scales: pair key -> that pair's multiplier of the cosine similarities, a [1] or
+            scalar Tensor (e.g. ErnieViL2.logit_scales(pairs)); its gradient reaches the temperature.
         ids: this rank's int64 [b] ids (needed for targets='unicl').
         rank / world_size: default to the running process group (0 / 1 single-process).
         Returns (total_loss, info) with info['loss/<pair>'] (tensor with grad) and
@@ -184,6 +118,9 @@ class MultiViewContrastiveLoss(nn.Layer):
         if len(set(sizes.values())) != 1:
             raise ValueError(f"contrastive loss: views have different batch sizes {sizes}")
         b = next(iter(sizes.values()))
+        absent = [p.key for p in self.pairs if p.key not in logit_scales]
+        if absent:
+            raise KeyError(f"contrastive loss: no logit scale for pairs {absent}")
 
         gathered = (distributed.gather_features(local, self.local_loss, self.gather_with_grad)
                     if world_size > 1 else local)
@@ -191,7 +128,7 @@ class MultiViewContrastiveLoss(nn.Layer):
 
         total, info = 0.0, {}
         for p in self.pairs:
-            scale = self.logit_scale(p.key)
+            scale = logit_scales[p.key]
             if self.local_loss:
                 ab = scale * paddle.matmul(local[p.view_a], gathered[p.view_b], transpose_y=True)
                 ba = scale * paddle.matmul(local[p.view_b], gathered[p.view_a], transpose_y=True)
@@ -203,6 +140,8 @@ class MultiViewContrastiveLoss(nn.Layer):
             info[f"loss/{p.key}"] = loss
             info[f"logit_scale/{p.key}"] = scale.detach().reshape([])
         return total, info
+
+    __call__ = forward
 
     def _targets(self, ids, b, rank, world_size):
         """clip: int64 labels of the positive columns; unicl: soft target matrix."""

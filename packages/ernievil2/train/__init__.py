@@ -1,1 +1,2 @@
-"""Training pieces: gradient caching for large contrastive batches (gradcache)."""
+"""Training (run_train.sh): `loop.train(cfg)` and its parts: data, optimizer, checkpoints, GradCache,
+EMA, frozen-feature cache, validation."""

@@ -1,6 +1,21 @@
-"""Training checkpoints: one directory per step, written under a temporary name and renamed, so a
-crash never leaves a half checkpoint. The model file alone is an inference checkpoint
-(official layout) that run_infer.sh loads."""
+"""Training checkpoints: one directory per step, `checkpoints/step_XXXXXXXX`, written whole by
+rank 0 through fileio.atomic_dir, so a crash never leaves a half checkpoint.
+
+Files: model.pdparams (the model's state dict, training-only `train_heads.*` included; alone it is
+an inference checkpoint: run_infer.sh drops those), optimizer.pdopt (Paddle's optimizer state and
+`param_names`, its generated tensor names -> state_dict names), state.pkl (step, best score,
+world size), rng_rank{r}.pkl (each process's random state), extra_<name>.pkl (e.g. the EMA), and
+COMPLETE.
+
+Paddle keys optimizer state by generated tensor names (`linear_3.w_0_moment1_0`), which depend on
+the order tensors were created in the process; `param_names` lets a resume map them to this
+process's tensors by state_dict name.
+
+An older layout kept the view-pair temperatures in a `loss.pdparams` (`temperature_<a>__<b>`) and
+had no `param_names`. Such a directory resumes when its optimizer state matches this process's
+generated names (e.g. an image-text-only run); otherwise resuming stops with a CheckpointError
+that says how to continue from its weights.
+"""
 import glob
 import logging
 import os
@@ -10,8 +25,14 @@ import shutil
 
 import paddle
 
+from ..checkpoint import CheckpointError
+from ..distributed import all_gather_object, barrier
+from ..fileio import atomic_dir
+from ..models.dual_encoder import TRAIN_HEADS_PREFIX
+
 log = logging.getLogger("ernievil2.train")
 _STEP_DIR = re.compile(r"step_(\d{8})$")
+OLD_LOSS_FILE = "loss.pdparams"
 
 
 def step_dir(root, step):
@@ -27,32 +48,34 @@ def list_checkpoints(root):
     return sorted(found)
 
 
-def save_checkpoint(root, step, model, loss_head, optimizer, state, rank, world, extras=None):
-    """All ranks call it: rank 0 writes the shared part (and `extras`: name -> picklable object,
-    e.g. the EMA weights), every rank its RNG state."""
+def _pickle(obj, path):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def save_checkpoint(root, step, model, optimizer, state, rank, world, extras=None):
+    """All ranks call it (each contributes its RNG state); rank 0 writes the directory.
+    state: {'step', 'best', 'rng'}; extras: name -> picklable object (e.g. the EMA weights)."""
+    rng = all_gather_object(state.pop("rng"))
     final = step_dir(root, step)
-    tmp = final + ".tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    from ..distributed import barrier
-    barrier()
-    with open(os.path.join(tmp, f"rng_rank{rank}.pkl"), "wb") as f:
-        pickle.dump(state.pop("rng"), f)
-    if rank == 0:
-        paddle.save(model.state_dict(), os.path.join(tmp, "model.pdparams"))
-        paddle.save(loss_head.state_dict(), os.path.join(tmp, "loss.pdparams"))
-        paddle.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pdopt"))
-        with open(os.path.join(tmp, "state.pkl"), "wb") as f:
-            pickle.dump({**state, "world_size": world}, f)
-        for name, obj in (extras or {}).items():
-            with open(os.path.join(tmp, f"extra_{name}.pkl"), "wb") as f:
-                pickle.dump(obj, f)
-    barrier()
-    if rank == 0:
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with atomic_dir(final) as tmp:
+            for r, states in enumerate(rng):
+                _pickle(states, os.path.join(tmp, f"rng_rank{r}.pkl"))
+            paddle.save(model.state_dict(), os.path.join(tmp, "model.pdparams"))
+            opt = dict(optimizer.state_dict())
+            opt["param_names"] = {p.name: n for n, p in model.named_parameters()}
+            paddle.save(opt, os.path.join(tmp, "optimizer.pdopt"))
+            _pickle({**state, "world_size": world}, os.path.join(tmp, "state.pkl"))
+            for name, obj in (extras or {}).items():
+                _pickle(obj, os.path.join(tmp, f"extra_{name}.pkl"))
+            open(os.path.join(tmp, "COMPLETE"), "w").close()
     barrier()
     return final
 
@@ -64,21 +87,68 @@ def prune_checkpoints(root, keep_last, best_step=None):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint_dir(path, model, loss_head, optimizer, rank, world):
-    with open(os.path.join(path, "state.pkl"), "rb") as f:
-        state = pickle.load(f)
+def _model_state(path, model):
+    sd = paddle.load(os.path.join(path, "model.pdparams"))
+    old_loss = os.path.join(path, OLD_LOSS_FILE)
+    if os.path.isfile(old_loss):  # older layout: the view-pair temperatures sat in the loss
+        sd.update({TRAIN_HEADS_PREFIX + k: v for k, v in paddle.load(old_loss).items()})
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: resume needs the same model and views (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); to start a new run from its weights use "
+            f"init_from_params={os.path.join(path, 'model.pdparams')}")
+    return sd
+
+
+def _optimizer_state(path, model):
+    """The saved optimizer state keyed by this process's generated tensor names."""
+    saved = paddle.load(os.path.join(path, "optimizer.pdopt"))
+    names = saved.pop("param_names", None)
+    current = {n: p.name for n, p in model.named_parameters()}
+    if names is not None:
+        rename = {old: current[n] for old, n in names.items() if n in current}
+        saved = {_renamed(k, rename): v for k, v in saved.items()}
+        if "master_weights" in saved:
+            saved["master_weights"] = {rename.get(k, k): v for k, v in saved["master_weights"].items()}
+    owners = {_split(k, set(current.values()))[0] for k in saved}
+    lacking = [n for n, p in model.named_parameters() if not p.stop_gradient and p.name not in owners]
+    if lacking:
+        what = ("it was written before the view-pair temperatures moved into the model"
+                if names is None else "resume needs the same model, views and frozen towers")
+        raise CheckpointError(
+            f"{path}: no optimizer state for {len(lacking)} parameter(s) ({lacking[0]}, ...): {what}; "
+            f"to start a new run from its weights use "
+            f"init_from_params={os.path.join(path, 'model.pdparams')}")
+    return saved
+
+
+def _split(key, names):
+    """('linear_3.w_0', '_moment1_0') for an optimizer-state key, the tensor name one of `names`."""
+    for i, c in enumerate(key):
+        if c == "_" and key[:i] in names:
+            return key[:i], key[i:]
+    return None, key
+
+
+def _renamed(key, rename):
+    name, suffix = _split(key, rename)
+    return rename[name] + suffix if name else key
+
+
+def load_checkpoint_dir(path, model, optimizer, rank, world):
+    """Restore model and optimizer from a step directory; returns its state (step, best, rng of
+    this rank, extras)."""
+    state = _unpickle(os.path.join(path, "state.pkl"))
     if state["world_size"] != world:
-        raise RuntimeError(f"{path} was written by {state['world_size']} processes; resume needs "
-                           f"the same count (got {world}) for an exact continuation")
-    model.set_state_dict(paddle.load(os.path.join(path, "model.pdparams")))
-    loss_head.set_state_dict(paddle.load(os.path.join(path, "loss.pdparams")))
-    optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
-    with open(os.path.join(path, f"rng_rank{rank}.pkl"), "rb") as f:
-        state["rng"] = pickle.load(f)
-    state["extras"] = {}
-    for extra in glob.glob(os.path.join(path, "extra_*.pkl")):
-        with open(extra, "rb") as f:
-            state["extras"][os.path.basename(extra)[len("extra_"):-len(".pkl")]] = pickle.load(f)
+        raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume needs "
+                              f"the same count (got {world}) for an exact continuation")
+    model.set_state_dict(_model_state(path, model))
+    optimizer.set_state_dict(_optimizer_state(path, model))
+    state["rng"] = _unpickle(os.path.join(path, f"rng_rank{rank}.pkl"))
+    state["extras"] = {os.path.basename(f)[len("extra_"):-len(".pkl")]: _unpickle(f)
+                       for f in glob.glob(os.path.join(path, "extra_*.pkl"))}
     return state
 
 

@@ -6,7 +6,8 @@ Step:
    (paddle, numpy, python `random`) just before each call.
 2. Turn the cached embeddings into leaf tensors (stop_gradient=False), compute the loss on the
    full batch (the loss may gather other ranks' features), backward: this gives d loss / d
-   embedding for every row, and the loss's own parameter gradients (temperatures).
+   embedding for every row, and the gradients of what the loss reads besides the embeddings
+   (the model's temperatures, through the logit scales).
 3. Re-run each micro-batch with gradient after restoring its recorded RNG state, and backpropagate
    the cached embedding gradient through it; parameter gradients accumulate in `.grad`.
 Afterwards the RNG is set to where pass 1 left it, so later draws are as if each encoder ran once.
@@ -74,7 +75,8 @@ def gradcache_step(encode_fns, loss_fn, batch, micro_batch_size, loss_kwargs=Non
 
     encode_fns: view name -> callable(micro-batch of batch[view]) -> [m, D] Tensor (in train mode).
     loss_fn: callable(features: dict view -> [N, D] Tensor, **loss_kwargs) -> total loss Tensor or
-        (total, info dict). E.g. a MultiViewContrastiveLoss with loss_kwargs={'ids': ids}.
+        (total, info dict). E.g. lambda f: loss(f, model.logit_scales(pairs), ids=ids) with a
+        MultiViewContrastiveLoss `loss`.
     batch: view name -> that view's encoder input for the whole (local) batch: a tensor / array, or
         a dict / list / tuple of them, sliced along axis 0. All views must have the same N.
     micro_batch_size: rows per encoder call (the last micro-batch may be smaller).
@@ -102,7 +104,7 @@ def gradcache_step(encode_fns, loss_fn, batch, micro_batch_size, loss_kwargs=Non
             cached[view] = paddle.concat(parts, axis=0)
     after_pass1 = get_rng_states()
 
-    # Pass 2: the full-batch loss on leaf embeddings -> their gradients (+ temperature grads).
+    # Pass 2: the full-batch loss on leaf embeddings -> their gradients (+ the temperatures').
     leaves = {}
     for view, emb in cached.items():
         leaf = emb.detach()

@@ -1,6 +1,6 @@
 """Training config keys (run_train.sh / ernievil2-train). The training schema is the inference
 keys (`ernievil2.keys`) plus these: one YAML file can drive both commands."""
-from ..config import Key, is_bool, is_int, is_str, num_key, one_of
+from ..config import Key, is_bool, is_int, is_num, is_str, num_key, one_of
 
 VIEWS = ("image", "image_aug", "text", "text_aug", "tags")
 
@@ -52,7 +52,10 @@ TRAIN_KEYS = {
     "targets": Key("clip", one_of("clip", "unicl"), "clip or unicl",
                    "unicl: rows sharing an image id (or label) are positives (soft targets)"),
     "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two rows the same class for unicl"),
-    "init_logit_scale": num_key(2.65926, "log of the initial logit scale (official temperature_b)"),
+    "init_logit_scale": Key(None, lambda v: v is None or is_num(0)(v), "null or a number >= 0",
+                            "log of the initial logit scale of every configured view pair; null = 2.65926 "
+                            "(official) where a temperature starts at random, the checkpoint's value where "
+                            "init_from_params has one; a number overrides the checkpoint", coerce=float),
     "max_logit_scale": num_key(4.6052, "clamp of every temperature (log 100)"),
     "text_aug": Key("mask", one_of("mask", "other_caption"), "mask or other_caption",
                     "second textual view: a masked/dropped copy, or another caption of the same image"),

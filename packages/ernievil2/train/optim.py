@@ -16,17 +16,14 @@ def freeze(layer):
         p.stop_gradient = True
 
 
-def param_groups(model, loss_head, cfg):
+def param_groups(model, cfg):
     """Groups with a learning-rate multiplier each (Paddle scales the global lr by it)."""
     towers = {"visual": cfg.image_lr, "text_model": cfg.text_lr}
     groups, decay_names = {}, set()
-    named = [(f"model.{n}", p) for n, p in model.named_parameters()]
-    named += [(f"loss.{n}", p) for n, p in loss_head.named_parameters()]
-    for name, p in named:
+    for name, p in model.named_parameters():
         if p.stop_gradient:
             continue
-        tower = name.split(".")[1]
-        lr = towers.get(tower) or cfg.lr
+        lr = towers.get(name.split(".")[0]) or cfg.lr
         groups.setdefault(lr, []).append(p)
         if _decays(name, p):
             decay_names.add(p.name)
@@ -35,8 +32,10 @@ def param_groups(model, loss_head, cfg):
             decay_names)
 
 
-def build_optimizer(model, loss_head, cfg):
-    groups, decay_names = param_groups(model, loss_head, cfg)
+def build_optimizer(model, cfg):
+    """AdamW over the model's trainable parameters (temperatures included); returns it and the
+    generated names of the decayed tensors."""
+    groups, decay_names = param_groups(model, cfg)
     clip = paddle.nn.ClipGradByGlobalNorm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else None
     opt = paddle.optimizer.AdamW(
         learning_rate=cfg.lr, parameters=groups, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
