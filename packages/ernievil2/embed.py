@@ -32,18 +32,21 @@ class Embeddings(NamedTuple):
     skip_report: SkipReport
 
 
+def input_specs(image_size, input_dtype="int64"):
+    """Each tower's input for tracing, dynamic in the batch size and the text length (without
+    them every new text length would be traced again)."""
+    return {"image": InputSpec([None, 3, image_size, image_size], "float32", "images"),
+            "text": InputSpec([None, None], input_dtype, "input_ids")}
+
+
 def model_towers(model, amp="none", to_static=False, image_size=None, input_dtype="int64"):
-    """The towers of a dual encoder, eager, or with `to_static` one compiled program per tower,
-    dynamic in the batch size and the text length (without the input specs every new text length
-    would be traced again); compiled here, at start-up, not in the first batch."""
+    """The towers of a dual encoder, eager, or with `to_static` one compiled program per tower
+    (input_specs), compiled here, at start-up, not in the first batch."""
     encode_image, encode_text = model.encode_image, model.encode_text
     if to_static:
-        encode_image = paddle.jit.to_static(
-            encode_image, input_spec=[InputSpec([None, 3, image_size, image_size], "float32", "images")],
-            full_graph=True)
-        encode_text = paddle.jit.to_static(
-            encode_text, input_spec=[InputSpec([None, None], input_dtype, "input_ids")],
-            full_graph=True)
+        specs = input_specs(image_size, input_dtype)
+        encode_image = paddle.jit.to_static(encode_image, input_spec=[specs["image"]], full_graph=True)
+        encode_text = paddle.jit.to_static(encode_text, input_spec=[specs["text"]], full_graph=True)
 
     def numpy_in_out(fn):
         def run(x):

@@ -4,8 +4,9 @@ An export folder holds, per tower, `TOWER.json` (the PIR program) + `TOWER.pdipa
 traced by paddle.jit.to_static with a dynamic batch (and, for text, a dynamic length), plus the
 vocab, `encoder.json` (what deploy_encoder.py needs: factory.encoder_settings -- image
 size/mean/std, tokenizer settings, embedding width -- and where the weights came from) and copies
-of deploy_encoder.py and the modules it imports (DEPLOY_FILES), so that the folder embeds on its own without this repository. Optionally
-`TOWER.onnx` through paddle2onnx (an optional dependency: `pip install paddle2onnx onnxruntime`).
+of deploy_encoder.py and the modules it imports (DEPLOY_FILES), so that the folder embeds on its
+own without this repository. Optionally `TOWER.onnx` through paddle2onnx (an optional
+dependency: `pip install paddle2onnx onnxruntime`).
 
 `encoder.json` is written last: a folder without it is an unfinished export.
 """
@@ -21,13 +22,12 @@ import warnings
 
 import numpy as np
 import paddle
-from paddle.static import InputSpec
 
 from .config import ConfigError
 from .deploy_encoder import (EXPORT_FORMAT, FORMAT_VERSION, META_FILE, TOWERS, TowerPredictor,
                              read_export_meta)
 from .distributed import barrier, get_rank, get_world_size
-from .embed import Towers
+from .embed import Towers, input_specs
 from .factory import create_model, encoder_settings, image_preprocess_spec
 from .fileio import atomic_dir, write_text
 
@@ -49,13 +49,9 @@ def export_model(model, out_dir, settings, vocab_file, source=None):
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder is unfinished until the new one is written
     model.eval()
-    size = settings["image"]["image_size"]
-    specs = {
-        "image": (model.encode_image, InputSpec([None, 3, size, size], "float32", "images")),
-        "text": (model.encode_text, InputSpec([None, None], settings["text"]["input_dtype"], "input_ids")),
-    }
-    for tower, (fn, spec) in specs.items():
-        static_fn = paddle.jit.to_static(fn, input_spec=[spec], full_graph=True)
+    specs = input_specs(settings["image"]["image_size"], settings["text"]["input_dtype"])
+    for tower, fn in (("image", model.encode_image), ("text", model.encode_text)):
+        static_fn = paddle.jit.to_static(fn, input_spec=[specs[tower]], full_graph=True)
         with warnings.catch_warnings():  # "What you save is a function": saving one is the point
             warnings.filterwarnings("ignore", "What you save is a function")
             paddle.jit.save(static_fn, os.path.join(out_dir, tower))
