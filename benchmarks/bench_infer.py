@@ -179,10 +179,11 @@ def bench_preprocess(cfg, tsv, max_images=200):
     """Decode + preprocess throughput: one thread, then the BatchLoader with 1 and 2 workers."""
     from ernievil2.data.pipeline import BatchLoader
     from ernievil2.data.tsv import iter_records, record_image_bytes
-    from ernievil2.engine.infer import build_preprocess
+    from ernievil2.factory import create_tokenizer, create_transforms, text_encoder
     from ernievil2.transforms import decode_image
 
-    transform, encode_texts = build_preprocess(cfg)
+    _, transform = create_transforms(cfg)
+    encode_texts = text_encoder(cfg, create_tokenizer(cfg))
     raws = []
     for rec in iter_records(tsv, 0, 1):
         raws.append(record_image_bytes(tsv, rec))
@@ -214,7 +215,7 @@ def tower_worker(mode, config, tsv, overrides, batches):
     from ernievil2.cli import load_infer_config as load_config
     from ernievil2.data.pipeline import BatchLoader
     from ernievil2.device import select_device
-    from ernievil2.engine import infer
+    from ernievil2.engine.infer import build_towers
     from ernievil2.export import config_fingerprint, cache_root, is_complete
     from ernievil2.transforms import decode_image
 
@@ -226,11 +227,7 @@ def tower_worker(mode, config, tsv, overrides, batches):
     if cfg.execution == "inference":
         target = cfg.export_dir or os.path.join(cache_root(), config_fingerprint(cfg))
         info["export_cached"] = is_complete(target)
-        transform, encode_texts = infer.build_preprocess(cfg)
-        towers = infer.inference_towers(cfg, place, amp, 0, 1)
-    else:
-        model, transform, encode_texts = infer.build_for_inference(cfg)
-        towers = infer.model_towers(cfg, model, amp)
+    towers, transform, encode_texts = build_towers(cfg, place, amp)
     info["startup_s"] = time.perf_counter() - t0
     loader = BatchLoader(tsv, cfg.infer_batch_size, image_transform=transform,
                          text_encoder=encode_texts, decode_image=decode_image, num_workers=0)
@@ -414,6 +411,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from ernievil2.cli import load_infer_config as load_config
+    from ernievil2.fileio import write_text
     cfg = load_config(args.config, args.overrides)
     res = {"config": args.config, "overrides": args.overrides, "machine": machine_info(),
            "load_before": os.getloadavg(), "modes": {m: MODES[m] for m in modes}}
@@ -436,8 +434,8 @@ def main(argv=None):
             res["eval"] = bench_eval(args, res.get("e2e"), tmp)
         res["load_after"] = os.getloadavg()
         report = tables(res)
-    (out_dir / "bench_infer.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    (out_dir / "bench_infer.md").write_text(report)
+    write_text(out_dir / "bench_infer.json", json.dumps(res, indent=1, default=str) + "\n")
+    write_text(out_dir / "bench_infer.md", report)
     print("\n" + report)
     print(f"wrote {out_dir / 'bench_infer.json'} and {out_dir / 'bench_infer.md'}")
     return 0

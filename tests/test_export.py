@@ -14,8 +14,8 @@ import yaml
 from conftest import ROOT
 from ernievil2.cli import load_infer_config as load_config
 from ernievil2.deploy_encoder import DeployEncoder, ExportError, read_export_meta
-from ernievil2.engine.infer import build_for_inference
 from ernievil2.export import export_from_config
+from ernievil2.factory import create_model_and_transforms
 from ernievil2.transforms import decode_image
 from helpers import make_image, tiny_config
 
@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
     cfg = load_config(None, tiny_config(tmp).items())
     out = tmp / "export"
     export_from_config(cfg, str(out))
-    model, transform, encode_texts = build_for_inference(cfg)  # same seed: the same weights
+    model, _, transform, _ = create_model_and_transforms(cfg)  # same seed: the same weights
     return cfg, str(out), model, transform
 
 

@@ -1,6 +1,10 @@
-"""run_infer end to end on tiny random towers: output format, order, sharding, skip policy."""
+"""run_infer end to end on tiny random towers: output format, order, sharding, skip policy, one
+run per output file and complete merges."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,9 +12,12 @@ import yaml
 
 from conftest import ROOT
 from ernievil2.cli import load_infer_config as load_config
+from ernievil2.data.tsv import DataError, SkipReport
+from ernievil2.embed import Embeddings
 from ernievil2.engine.infer import run
+from ernievil2.engine.output import OutputBusyError, OutputLock, merge_parts, write_part
 from ernievil2.metrics.embeddings_io import read_embeddings
-from helpers import make_image, tiny_config, tsv_line
+from helpers import make_image, tiny_config, tsv_line, write_tsv
 
 
 def write_cfg(tmp_path, **over):
@@ -106,3 +113,133 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(a.line_numbers, b.line_numbers)
     np.testing.assert_allclose(a.text, b.text, atol=1e-6)
     np.testing.assert_allclose(a.image, b.image, atol=1e-6)
+
+
+def test_a_second_run_on_a_locked_output_fails_at_once_naming_the_holder(tmp_path):
+    path, cfg = write_cfg(tmp_path)
+    os.makedirs(tmp_path / "out")
+    holder = OutputLock(cfg["output_file"])  # what the first run's rank 0 holds
+    holder.acquire()
+    try:
+        with pytest.raises(OutputBusyError, match=rf"emb\.out is being written by another run "
+                                                  rf"\(pid {os.getpid()}\); wait or choose"):
+            run(load_config(path))
+        assert not os.path.exists(cfg["output_file"])
+    finally:
+        holder.release()
+    run(load_config(path))  # released: the output is free again, and so is its lock file
+    assert len(read_embeddings(cfg["output_file"]).text) == 8
+    assert not os.path.exists(cfg["output_file"] + ".lock")
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    path, cfg = write_cfg(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    leftovers = ["emb.out.part-0123456789ab-1.npz", ".emb.out.part-0123456789ab-0.tmp-99-abcd1234.npz",
+                 ".emb.tmp-99-abcd1234.out", ".emb.out.tmp-99-abcd1234.npz"]
+    kept = ["emb.out.partial", ".emb2.tmp-99-abcd1234.out", "other.out.part-0123456789ab-0.npz"]
+    for name in leftovers + kept:
+        (out / name).write_bytes(b"x")
+    run(load_config(path))
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["emb.out", "emb.out.npz"])
+    assert read_embeddings(cfg["output_file"]).line_numbers.tolist() == list(range(1, 9))
+
+
+def _fake_part(tsv, out, run_id, rank, lines, skipped=()):
+    report = SkipReport(str(tsv))
+    for n in skipped:
+        report.add(DataError(str(tsv), n, "bad"))
+    rows = np.full((len(lines), 4), float(rank), np.float32)
+    write_part(out, run_id, rank, Embeddings(rows, rows, np.asarray(lines, np.int64),
+                                             ["x"] * len(lines), report))
+
+
+def test_merge_accepts_exactly_the_lines_of_the_file_not_skipped(tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join(f"line {i}\n" for i in range(1, 6)) + "\n\n")  # 5 lines, blank tail
+    out = str(tmp_path / "emb.out")
+    _fake_part(tsv, out, "r1", 0, [1, 3, 5])
+    _fake_part(tsv, out, "r1", 1, [4], skipped=[2])
+    text, _, lines, skipped = merge_parts(out, "r1", 2, str(tsv))
+    assert lines.tolist() == [1, 3, 4, 5] and skipped == [2]
+    assert text[:, 0].tolist() == [0, 0, 1, 0]  # rows follow their line numbers
+    assert not list(tmp_path.glob("*.part-*"))
+    for parts, problem in (([[1, 3, 5], [4]], r"hold 4 line\(s\) .* expected 5; missing lines 2"),
+                           ([[1, 3, 5], [2, 4, 6]], r"lines not in the file 6"),
+                           ([[1, 3, 5], [2, 4, 5]], r"1 line\(s\) embedded twice")):
+        for rank, lines in enumerate(parts):
+            _fake_part(tsv, out, "r2", rank, lines)
+        with pytest.raises(RuntimeError, match=rf"emb\.out not written: the 2 part\(s\) .*{problem}"):
+            merge_parts(out, "r2", 2, str(tsv))
+
+
+def test_parts_of_another_run_are_not_merged(tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("a\nb\n")
+    out = str(tmp_path / "emb.out")
+    _fake_part(tsv, out, "mine", 0, [1, 2])
+    _fake_part(tsv, out, "other", 0, [2])  # a stale or concurrent run's part of the same output
+    assert merge_parts(out, "mine", 1, str(tsv))[2].tolist() == [1, 2]
+    assert os.path.exists(out + ".part-other-0.npz")
+
+
+def _pause_while_holding(run_cmd, lock, attempts=5):
+    """Start run_cmd() and stop (SIGSTOP) the process holding `lock` while it holds it: its pid is
+    in the file, and the file is removed before the lock is let go, so a stopped owner whose pid
+    is still in the file holds the lock. Retries when the run ends before it is caught."""
+    for _ in range(attempts):
+        proc = run_cmd()
+        while proc.poll() is None:
+            try:
+                pid = int(open(lock).read().strip() or 0)
+            except (FileNotFoundError, ValueError):
+                pid = 0
+            if pid:
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    if int(open(lock).read().strip() or 0) == pid:
+                        return proc, pid
+                except FileNotFoundError:
+                    pass
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.01)
+        proc.communicate()
+    pytest.fail(f"the run never held {lock} long enough to be paused")
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_output(tmp_path):
+    """Run A (2 processes) holds the output; its rank 0 is paused while run B (2 processes) starts
+    on the same output_file: B fails at once naming A's pid, then A finishes intact."""
+    rows = [(f"text {k}", f"img{k}", k) for k in range(120)]
+    path_a, cfg = write_cfg(tmp_path / "a", test_file=write_tsv(tmp_path / "many.tsv", rows))
+    path_b = tmp_path / "b.yaml"
+    path_b.write_text(yaml.safe_dump(dict(cfg, log_dir=str(tmp_path / "b" / "log")),
+                                     allow_unicode=True), encoding="utf-8")
+    lock = cfg["output_file"] + ".lock"
+
+    def launch(cfg_path, name):
+        return subprocess.Popen(["bash", str(ROOT / "run_infer.sh"), "0,1", str(cfg_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+                                                   "LAUNCH_LOG_DIR": str(tmp_path / name)})
+
+    a, holder = _pause_while_holding(lambda: launch(path_a, "launch_a"), lock)
+    try:
+        b = launch(path_b, "launch_b")
+        b_out = b.communicate(timeout=300)[0]
+    finally:
+        os.kill(holder, signal.SIGCONT)
+    a_out = a.communicate(timeout=300)[0]
+    b_logs = b_out + "".join(p.read_text(errors="replace") for p in (tmp_path / "launch_b").glob("*"))
+    assert b.returncode != 0, b_logs[-3000:]
+    assert (f"emb.out is being written by another run (pid {holder}); wait or choose another "
+            "output_file") in b_logs
+    assert a.returncode == 0, a_out[-3000:]
+    single = read_embeddings(run_in_process(tmp_path / "single", test_file=cfg["test_file"])["output_file"])
+    both = read_embeddings(cfg["output_file"])
+    assert both.line_numbers.tolist() == list(range(1, 121))
+    np.testing.assert_allclose(both.text, single.text, atol=1e-6)
+    np.testing.assert_allclose(both.image, single.image, atol=1e-6)
+    assert not os.path.exists(lock) and not list((tmp_path / "a" / "out").glob("*part*"))

@@ -144,3 +144,50 @@ def test_zero_layer_tower_is_the_mean_of_normalised_token_and_position_embedding
     # the token order still matters through the position embeddings
     swapped = paddle.to_tensor([[1, 8, 7, 2, 0, 0]], dtype="int64")
     assert not np.allclose(out[0], t(swapped).numpy()[0], atol=1e-4)
+
+
+def test_model_info_prints_the_counts_the_run_log_prints(tmp_path):
+    """tools/model_info.py (lazy build) and factory.create_model's log line (real build) agree,
+    for a BatchNorm tower (running statistics excluded by both) and a ViT."""
+    import logging
+    import subprocess
+    import sys
+    import yaml
+    from conftest import ROOT
+    from ernievil2.cli import load_infer_config
+    from ernievil2.factory import create_model as create_run_model
+    from helpers import tiny_config
+
+    paths = []
+    for name, image_model in (("lite0", "efficientnet_lite0"), ("vit", dict(TINY_VIT))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(tmp_path, image_model=image_model, embed_dim=32)))
+        paths.append(path)
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "model_info.py"), *map(str, paths)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in r.stdout.splitlines() if ".yaml" in line}
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # on the logger itself: setup_logging stops propagation
+    factory_log = logging.getLogger("ernievil2.factory")
+    factory_log.addHandler(handler)
+    old_level = factory_log.level
+    factory_log.setLevel(logging.INFO)
+    try:
+        models = {path: create_run_model(load_infer_config(str(path))) for path in paths}
+    finally:
+        factory_log.removeHandler(handler)
+        factory_log.setLevel(old_level)
+    logs = [r.getMessage() for r in records if r.getMessage().startswith("parameters:")]
+    assert len(logs) == len(paths)
+    for path, logged in zip(paths, logs):
+        model = models[path]
+        row = table[path.name]
+        assert logged == (f"parameters: image tower {row[2]}, text tower {row[4]}, total {row[7]}")
+        bn_stats = sum(int(np.prod(p.shape)) for n, p in model.visual.named_parameters()
+                       if n.endswith(("_mean", "_variance")))
+        assert (bn_stats > 0) == (path.stem == "lite0")
+        n_all = sum(int(np.prod(p.shape)) for p in model.visual.parameters())
+        assert int(row[2].replace(",", "")) == n_all - bn_stats

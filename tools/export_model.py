@@ -3,7 +3,8 @@ vocab, encoder.json and a standalone encoder (deploy_encoder.py), optionally ONN
 
   python tools/export_model.py CONFIG.yaml [key=value ...] --out DIR [--onnx] [--verify]
 
-The config's model keys and `init_from_params` pick the model, as for run_infer.sh. Then:
+The config's model keys and `init_from_params` pick the model (factory.create_model), as for
+run_infer.sh. Then:
   python DIR/deploy_encoder.py DIR --text "一只狗" --image dog.jpg     (no repository needed)
 or `execution: inference` with `export_dir: DIR` in a run_infer.sh config. --onnx needs the
 optional paddle2onnx (pip install paddle2onnx onnxruntime). --verify compares the exported towers
@@ -17,8 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
-from ernievil2.cli import load_infer_config as load_config  # noqa: E402
-from ernievil2.config import ConfigError  # noqa: E402
+from ernievil2.cli import USER_ERRORS, load_infer_config  # noqa: E402
 from ernievil2.device import select_device  # noqa: E402
 from ernievil2.export import ONNX_OPSET, export_from_config  # noqa: E402
 
@@ -36,11 +36,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        p.error(str(e))
-    select_device(cfg.device)  # trace on the device the config names (export where you deploy)
-    meta = export_from_config(cfg, args.out, onnx=args.onnx, opset=args.opset, verify=args.verify)
+        cfg = load_infer_config(args.config, args.overrides)
+        select_device(cfg.device)  # trace on the device the config names (export where you deploy)
+        meta = export_from_config(cfg, args.out, onnx=args.onnx, opset=args.opset, verify=args.verify)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     files = sorted(os.listdir(args.out))
     print(f"exported to {args.out}: {', '.join(files)}")
     if args.verify:

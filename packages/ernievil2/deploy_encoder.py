@@ -3,9 +3,9 @@
 An export folder (written by `tools/export_model.py`, see export.py) holds one Paddle Inference
 model per tower (`image.json` + `image.pdiparams`, `text.json` + `text.pdiparams`), the vocab, and
 `encoder.json` (preprocessing and tokenizer settings). This module needs numpy, cv2, paddle's
-`paddle.inference` and two small modules of this package without heavy dependencies,
-transforms.py and tokenizer.py. The export copies all three files into the folder, so it also runs
-on its own, with no checkout of this repository:
+`paddle.inference` and three small modules of this package without heavy dependencies,
+transforms.py, tokenizer.py and fileio.py. The export copies them all into the folder, so it also
+runs on its own, with no checkout of this repository:
 
     python EXPORT_DIR/deploy_encoder.py EXPORT_DIR --text "一只狗" --image dog.jpg
 
@@ -25,9 +25,11 @@ from typing import Sequence
 import numpy as np
 
 try:  # inside the package
+    from .fileio import atomic_path
     from .tokenizer import ErnieTokenizer
     from .transforms import decode_image, make_eval_transform
-except ImportError:  # a copied export folder: the two modules sit beside this file
+except ImportError:  # a copied export folder: the modules sit beside this file
+    from fileio import atomic_path  # type: ignore[no-redef]
     from tokenizer import ErnieTokenizer  # type: ignore[no-redef]
     from transforms import decode_image, make_eval_transform  # type: ignore[no-redef]
 
@@ -219,7 +221,9 @@ def main(argv=None):
         for t, row in zip(args.text, sims):
             print("\t".join(f"{s:.4f}" for s in row) + f"\t{t}")
     if args.save:
-        np.savez(args.save, text=text, image=image)
+        save = args.save if args.save.endswith(".npz") else args.save + ".npz"  # as np.savez names it
+        with atomic_path(save) as tmp:
+            np.savez(tmp, text=text, image=image)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Data-parallel plumbing for contrastive training: process-group start-up, gathers that keep
-gradients, and gradient all-reduce.
+"""Data-parallel plumbing: process-group start-up, barriers and object gathers (inference and
+training), and for contrastive training gathers that keep gradients and gradient all-reduce.
 
 Launch: `python -m paddle.distributed.launch --nproc_per_node N script.py` (on a machine without a
 GPU this starts N CPU processes that talk over gloo; `--devices` fails there). Without the launcher

@@ -2,10 +2,11 @@
 
 An export folder holds, per tower, `TOWER.json` (the PIR program) + `TOWER.pdiparams` (weights),
 traced by paddle.jit.to_static with a dynamic batch (and, for text, a dynamic length), plus the
-vocab, `encoder.json` (what deploy_encoder.py needs: image size/mean/std, tokenizer settings,
-embedding width, and where the weights came from) and copies of deploy_encoder.py, transforms.py
-and tokenizer.py, so that the folder embeds on its own without this repository. Optionally
-`TOWER.onnx` through paddle2onnx (an optional dependency: `pip install paddle2onnx onnxruntime`).
+vocab, `encoder.json` (what deploy_encoder.py needs: factory.encoder_settings -- image
+size/mean/std, tokenizer settings, embedding width -- and where the weights came from) and copies
+of deploy_encoder.py and the modules it imports (DEPLOY_FILES), so that the folder embeds on its
+own without this repository. Optionally `TOWER.onnx` through paddle2onnx (an optional
+dependency: `pip install paddle2onnx onnxruntime`).
 
 `encoder.json` is written last: a folder without it is an unfinished export.
 """
@@ -21,36 +22,36 @@ import warnings
 
 import numpy as np
 import paddle
-from paddle.static import InputSpec
 
-from .deploy_encoder import EXPORT_FORMAT, FORMAT_VERSION, META_FILE, read_export_meta
-from .factory import image_preprocess_spec
+from .config import ConfigError
+from .deploy_encoder import (EXPORT_FORMAT, FORMAT_VERSION, META_FILE, TOWERS, TowerPredictor,
+                             read_export_meta)
+from .distributed import barrier, get_rank, get_world_size
+from .embed import Towers, input_specs
+from .factory import create_model, encoder_settings, image_preprocess_spec
+from .fileio import atomic_dir, write_text
 
 log = logging.getLogger("ernievil2.export")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Copied into every export so that the folder runs without this repository.
-DEPLOY_FILES = ("deploy_encoder.py", "transforms.py", "tokenizer.py")
+DEPLOY_FILES = ("deploy_encoder.py", "transforms.py", "tokenizer.py", "fileio.py")
 VOCAB_NAME = "vocab.txt"
 CACHE_ENV = "ERNIEVIL2_EXPORT_CACHE"
 ONNX_OPSET = 17
 
 
-def export_model(model, out_dir, *, image_size, mean, std, vocab_file, max_seq_len=48,
-                 pad_token=0, cls_token=1, sep_token=2, mask_token=3, input_dtype="int64",
-                 source=None):
-    """Trace and save both towers of an ErnieViL2 `model` into `out_dir`; returns encoder.json."""
+def export_model(model, out_dir, settings, vocab_file, source=None):
+    """Trace and save both towers of an ErnieViL2 `model` into `out_dir`; `settings` are the
+    preprocessing and tokenizer ones (factory.encoder_settings). Returns encoder.json's content."""
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, META_FILE)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder is unfinished until the new one is written
     model.eval()
-    specs = {
-        "image": (model.encode_image, InputSpec([None, 3, image_size, image_size], "float32", "images")),
-        "text": (model.encode_text, InputSpec([None, None], input_dtype, "input_ids")),
-    }
-    for tower, (fn, spec) in specs.items():
-        static_fn = paddle.jit.to_static(fn, input_spec=[spec], full_graph=True)
+    specs = input_specs(settings["image"]["image_size"], settings["text"]["input_dtype"])
+    for tower, fn in (("image", model.encode_image), ("text", model.encode_text)):
+        static_fn = paddle.jit.to_static(fn, input_spec=[specs[tower]], full_graph=True)
         with warnings.catch_warnings():  # "What you save is a function": saving one is the point
             warnings.filterwarnings("ignore", "What you save is a function")
             paddle.jit.save(static_fn, os.path.join(out_dir, tower))
@@ -58,15 +59,12 @@ def export_model(model, out_dir, *, image_size, mean, std, vocab_file, max_seq_l
     for name in DEPLOY_FILES:
         shutil.copyfile(os.path.join(HERE, name), os.path.join(out_dir, name))
     meta = {
-        "format": EXPORT_FORMAT, "version": FORMAT_VERSION,
-        "embed_dim": int(model.embed_dim), "normalized": True,
+        "format": EXPORT_FORMAT, "version": FORMAT_VERSION, **settings,
         "paddle_version": paddle.__version__,
         "image": {"model": "image.json", "params": "image.pdiparams", "input": "images",
-                  "image_size": int(image_size), "mean": list(mean), "std": list(std)},
+                  **settings["image"]},
         "text": {"model": "text.json", "params": "text.pdiparams", "input": "input_ids",
-                 "input_dtype": input_dtype, "vocab": VOCAB_NAME, "max_seq_len": int(max_seq_len),
-                 "pad_token": pad_token, "cls_token": cls_token, "sep_token": sep_token,
-                 "mask_token": mask_token},
+                 "vocab": VOCAB_NAME, **settings["text"]},
         "source": source or {},
     }
     _write_meta(out_dir, meta)
@@ -74,10 +72,7 @@ def export_model(model, out_dir, *, image_size, mean, std, vocab_file, max_seq_l
 
 
 def _write_meta(out_dir, meta):
-    tmp = os.path.join(out_dir, META_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(out_dir, META_FILE))
+    write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1, ensure_ascii=False))
 
 
 def _sha256_file(path):
@@ -115,8 +110,6 @@ def config_fingerprint(cfg):
 def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
     """Largest |exported - eager| per tower (and per ONNX tower, when there is one) on random
     inputs: a batch of pixels, and ids of several lengths (row 0 padded after 4 tokens)."""
-    from .deploy_encoder import TowerPredictor
-
     meta = read_export_meta(export_dir)
     rng = np.random.default_rng(seed)
     size = meta["image"]["image_size"]
@@ -147,17 +140,12 @@ def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
 def export_from_config(cfg, out_dir, onnx=False, opset=ONNX_OPSET, verify=False):
     """Build the model of a run config (checkpoint loaded) and export it to `out_dir`; with
     `verify`, record verify_export's differences in encoder.json (`verified_max_abs_diff`)."""
-    from .factory import create_model
-
     model = create_model(cfg)
-    size, mean, std = image_preprocess_spec(cfg.image_model, cfg.image_size)
     source = {"fingerprint": config_fingerprint(cfg), "init_from_params": cfg.init_from_params,
               "seed": cfg.seed, "image_model": cfg.image_model,
               "text_model_config": cfg.text_model_config}
-    meta = export_model(model, out_dir, image_size=size, mean=mean, std=std,
-                        vocab_file=cfg.vocab_file, max_seq_len=cfg.max_text_seqlen,
-                        pad_token=cfg.pad_token, cls_token=cfg.cls_token, sep_token=cfg.sep_token,
-                        mask_token=cfg.mask_token, input_dtype=cfg.input_dtype, source=source)
+    meta = export_model(model, out_dir, encoder_settings(cfg, model.embed_dim), cfg.vocab_file,
+                        source=source)
     if onnx:
         meta = export_onnx(out_dir, opset=opset)
     if verify:
@@ -212,11 +200,11 @@ def check_matches_config(meta, cfg, export_dir):
     size = image_preprocess_spec(cfg.image_model, cfg.image_size)[0]
     where = os.path.join(export_dir, META_FILE)
     if meta["image"]["image_size"] != size:
-        raise ValueError(f"{where}: image_size {meta['image']['image_size']} but the config's "
-                         f"pipeline makes {size}x{size} images; re-export or fix export_dir")
+        raise ConfigError(f"{where}: image_size {meta['image']['image_size']} but the config's "
+                          f"pipeline makes {size}x{size} images; re-export or fix export_dir")
     if meta["text"].get("input_dtype", "int64") != cfg.input_dtype:
-        raise ValueError(f"{where}: text input_dtype {meta['text'].get('input_dtype')} but the "
-                         f"config has input_dtype {cfg.input_dtype}")
+        raise ConfigError(f"{where}: text input_dtype {meta['text'].get('input_dtype')} but the "
+                          f"config has input_dtype {cfg.input_dtype}")
     made_from = meta.get("source", {}).get("fingerprint")
     if made_from and made_from != config_fingerprint(cfg):
         log.warning("%s was exported from other weights or model settings than this config's "
@@ -224,13 +212,13 @@ def check_matches_config(meta, cfg, export_dir):
                     meta.get("source", {}).get("init_from_params"))
 
 
-def ensure_export(cfg, rank=0, barrier=lambda: None):
+def ensure_export(cfg):
     """The export folder `execution: inference` runs: `export_dir` if set (exported there when it
     holds no export yet), else a cache folder named by config_fingerprint(cfg). Rank 0 exports;
-    the others wait at `barrier`."""
+    the other processes wait for it."""
     explicit = bool(cfg.export_dir)
     target = cfg.export_dir if explicit else os.path.join(cache_root(), config_fingerprint(cfg))
-    if rank == 0:
+    if get_rank() == 0:
         if is_complete(target):
             log.info("execution inference: using the export in %s", target)
         elif explicit:
@@ -239,12 +227,26 @@ def ensure_export(cfg, rank=0, barrier=lambda: None):
         else:
             log.info("execution inference: exporting the model to the cache %s (once per model; "
                      "set %s to move the cache)", target, CACHE_ENV)
-            tmp = f"{target}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            export_from_config(cfg, tmp)
-            shutil.rmtree(target, ignore_errors=True)  # an unfinished export, if any
-            os.replace(tmp, target)
+            with atomic_dir(target) as tmp:  # replaces an unfinished export, if any
+                export_from_config(cfg, tmp)
     barrier()
     meta = read_export_meta(target)
     check_matches_config(meta, cfg, target)
     return target, meta
+
+
+def predictor_towers(cfg, device="cpu", amp="none"):
+    """execution inference: the exported towers (see ensure_export) in Paddle Inference
+    predictors; the model is only built when the export has to be made."""
+    export_dir, meta = ensure_export(cfg)
+    # The processes of one machine share its cores; more math threads than cores is slower.
+    world = get_world_size()
+    local = int(os.environ.get("PADDLE_LOCAL_SIZE", world)) if world > 1 else 1
+    threads = max(1, (os.cpu_count() or 1) // local)
+    precision = {"none": "fp32", "fp16": "fp16", "bf16": "bf16"}[amp]
+    tower = {t: TowerPredictor(os.path.join(export_dir, meta[t]["model"]),
+                               os.path.join(export_dir, meta[t]["params"]), device=device,
+                               num_threads=threads, precision=precision) for t in TOWERS}
+    log.info("predictors on %s (%s, %d math thread(s)) from %s", device,
+             "oneDNN" if device == "cpu" else precision, threads, export_dir)
+    return Towers(tower["image"], tower["text"], int(meta["embed_dim"]))
