@@ -6,7 +6,7 @@ import pytest
 from conftest import need_shared
 
 from ernievil2.tokenizer import (SPECIAL_TOKENS, BasicTokenizer, ErnieTokenizer, VocabError,
-                                 build_vocab, load_vocab, write_vocab)
+                                 build_vocab, is_blank_text, load_vocab, write_vocab)
 
 OFFICIAL_VOCAB = ("data", "vocab", "ernie-3.0-base-zh", "vocab.txt")
 
@@ -99,11 +99,66 @@ def test_batch_encode_padding(small_vocab_file):
         tok.batch_encode(["x"], padding="left")
 
 
-def test_special_tokens_by_id_override(small_vocab_file):
-    tok = ErnieTokenizer.from_file(small_vocab_file, max_seq_len=6, pad_token=9, cls_token=7)
-    assert tok.batch_encode(["hello"]).tolist() == [[7, 5, 2, 9, 9, 9]]
-    with pytest.raises(ValueError, match=r"\[NOPE\].*not in the vocab"):
+def test_special_tokens_by_id_must_match_the_vocab(small_vocab_file):
+    tok = ErnieTokenizer.from_file(small_vocab_file, max_seq_len=6, pad_token=0, cls_token=1,
+                                   sep_token=2, mask_token=3)
+    assert tok.batch_encode(["hello"]).tolist() == [[1, 5, 2, 0, 0, 0]]
+    # an id that is another token's: the config and the vocab disagree
+    with pytest.raises(VocabError, match=r"^\S*vocab\.txt: \[CLS\] has id 1 but the config says "
+                                         r"cls_token 7 "):
+        ErnieTokenizer.from_file(small_vocab_file, cls_token=7)
+    with pytest.raises(VocabError, match=r"vocab\.txt: mask_token '\[NOPE\]' is not in the vocab"):
         ErnieTokenizer.from_file(small_vocab_file, mask_token="[NOPE]")
+
+
+def test_vocab_without_special_tokens_is_a_one_line_error(tmp_path):
+    # one token a line, no [CLS]/[SEP]: ids 1 and 2 would be ordinary words and every other id
+    # would be shifted by 2
+    path = tmp_path / "plain.txt"
+    path.write_text("[PAD]\n[MASK]\n[UNK]\nhello\nworld\n", encoding="utf-8")
+    with pytest.raises(VocabError) as e:
+        ErnieTokenizer.from_file(path, pad_token=0, cls_token=1, sep_token=2, mask_token=3)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == (f"{path}: no [CLS] token but the config says cls_token 1 "
+                   "(a vocab for this model has [CLS] at id 1)")
+    # the same tokens at other ids
+    path.write_text("[PAD]\n[SEP]\n[CLS]\n[MASK]\n[UNK]\nhello\n", encoding="utf-8")
+    with pytest.raises(VocabError, match=r"plain\.txt: \[CLS\] has id 2 but the config says cls_token 1"):
+        ErnieTokenizer.from_file(path, pad_token=0, cls_token=1, sep_token=2, mask_token=3)
+    # and with the defaults (tokens given by name) a missing special token is an error too
+    path.write_text("[PAD]\n[MASK]\n[UNK]\nhello\n", encoding="utf-8")
+    with pytest.raises(VocabError, match=r"plain\.txt: cls_token '\[CLS\]' is not in the vocab"):
+        ErnieTokenizer.from_file(path)
+
+
+def test_special_id_shared_with_another_token_is_an_error(tmp_path):
+    path = tmp_path / "v.txt"
+    path.write_text("[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[MASK]\t3\n[UNK]\t4\nhello\t1\n",
+                    encoding="utf-8")
+    with pytest.raises(VocabError, match=r"v\.txt: id 1 \(cls_token\) is shared by '\[CLS\]', 'hello'"):
+        ErnieTokenizer.from_file(path, pad_token=0, cls_token=1, sep_token=2, mask_token=3)
+
+
+def test_max_id_and_embedding_rows_check(tmp_path, small_vocab_file):
+    tok = ErnieTokenizer.from_file(small_vocab_file)
+    assert tok.max_id == len(SMALL) - 1 and tok.vocab_size == len(SMALL)
+    tok.check_embedding_rows(len(SMALL))
+    with pytest.raises(VocabError, match=rf"vocab\.txt: ids go up to {len(SMALL) - 1} but the text "
+                                         rf"tower has only {len(SMALL) - 1} token embeddings"):
+        tok.check_embedding_rows(len(SMALL) - 1)
+    # an unk id given by number counts too (it is not checked against the vocab)
+    assert ErnieTokenizer.from_file(small_vocab_file, unk_token=99).max_id == 99
+
+
+def test_blank_text_covers_control_and_format_characters(tok):
+    for text in ["", "   ", "\u3000\t", "\x01\x02\x1f", "\u200b\u200e\ufeff\u2060", "\x00\ufffd",
+                 "\u0301\u0308", " \x7f\u00ad "]:
+        assert is_blank_text(text), repr(text)
+        assert tok.encode(text) == [1, 2], repr(text)  # what such a caption would embed as
+    for text in ["a", ".", "中", "\u200bx", "ＡＢＣ", "\x01?"]:
+        assert not is_blank_text(text), repr(text)
+        assert tok.encode(text) != [1, 2], repr(text)
 
 
 def test_unk_id_override_used_for_unknown_words(small_vocab_file):

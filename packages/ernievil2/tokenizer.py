@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import unicodedata
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
@@ -75,7 +74,10 @@ def load_vocab(path) -> dict[str, int]:
 
 
 def write_vocab(tokens: Sequence[str], path) -> None:
-    """Write `token\\tid` lines (id = position), atomically: a temp file then os.replace."""
+    """Write `token\\tid` lines (id = position), atomically."""
+    # Imported here: this module is also copied alone into export folders, which never write one.
+    from .fileio import atomic_write
+
     seen = set()
     for i, t in enumerate(tokens):
         if not t or t != t.strip() or any(c in t for c in "\t\r\n"):
@@ -83,16 +85,8 @@ def write_vocab(tokens: Sequence[str], path) -> None:
         if t in seen:
             raise ValueError(f"token #{i} {t!r} is duplicated")
         seen.add(t)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_vocab_")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(f"{t}\t{i}\n" for i, t in enumerate(tokens))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, newline="\n") as f:
+        f.writelines(f"{t}\t{i}\n" for i, t in enumerate(tokens))
 
 
 def build_vocab(texts: Iterable[str], min_freq: int = 1) -> list[str]:
@@ -165,6 +159,16 @@ class BasicTokenizer:
         return " ".join(words).split()
 
 
+_BLANK_CHECK = BasicTokenizer()
+
+
+def is_blank_text(text) -> bool:
+    """True when the text has no word for the tokenizer: only spaces, control or format characters
+    (zero-width spaces, bidi marks, NUL, U+FFFD...) or lone accents. Such a caption is embedded as
+    bare [CLS][SEP], so it is as empty as a caption of only spaces."""
+    return not _BLANK_CHECK.tokenize(text)
+
+
 def _strip_accents(word: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
 
@@ -214,25 +218,31 @@ class WordpieceTokenizer:
 class ErnieTokenizer:
     """Text -> ids for the ERNIE text tower, exactly as the official reader makes them.
 
-    Special tokens are given as strings (looked up in the vocab) or as ids (used as they are),
-    e.g. `ErnieTokenizer(vocab, pad_token=0, cls_token=1, sep_token=2, mask_token=3)` as in the
-    official config. See the module docstring about the official (unused) unk_token id.
+    Special tokens are given as strings (looked up in the vocab) or as ids, e.g.
+    `ErnieTokenizer(vocab, pad_token=0, cls_token=1, sep_token=2, mask_token=3)` as in the
+    official config. An id given for [PAD]/[CLS]/[SEP]/[MASK] must be that token's id in the
+    vocab: a vocab without them (or with other ids) would shift every id and silently change the
+    text embeddings. A special id may not be shared with another token. The unk id is not checked
+    (see the module docstring). `source` names the vocab in errors (from_file gives the path).
     """
 
     def __init__(self, vocab: Mapping[str, int], max_seq_len: int = OFFICIAL_MAX_SEQ_LEN,
                  cls_token: str | int = CLS, sep_token: str | int = SEP, pad_token: str | int = PAD,
-                 unk_token: str | int = UNK, mask_token: str | int = MASK, do_lower_case: bool = True):
+                 unk_token: str | int = UNK, mask_token: str | int = MASK, do_lower_case: bool = True,
+                 source: str | None = None):
+        self.source = os.fspath(source) if source is not None else "vocab"
         if not vocab:
-            raise ValueError("empty vocab")
+            raise VocabError(f"{self.source}: empty vocab")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2 (room for [CLS] and [SEP]), got {max_seq_len}")
         self.vocab = dict(vocab)
         self.max_seq_len = int(max_seq_len)
-        self.cls_id = self._special_id("cls_token", cls_token)
-        self.sep_id = self._special_id("sep_token", sep_token)
-        self.pad_id = self._special_id("pad_token", pad_token)
-        self.unk_id = self._special_id("unk_token", unk_token)
-        self.mask_id = self._special_id("mask_token", mask_token)
+        self.cls_id = self._special_id("cls_token", cls_token, CLS)
+        self.sep_id = self._special_id("sep_token", sep_token, SEP)
+        self.pad_id = self._special_id("pad_token", pad_token, PAD)
+        self.unk_id = self._special_id("unk_token", unk_token, None)
+        self.mask_id = self._special_id("mask_token", mask_token, MASK)
+        self._check_special_ids_unshared()
         self.unk_token = unk_token if isinstance(unk_token, str) else UNK
         self.basic = BasicTokenizer(do_lower_case)
         self.wordpiece = WordpieceTokenizer(self.vocab, self.unk_token)
@@ -241,21 +251,52 @@ class ErnieTokenizer:
 
     @classmethod
     def from_file(cls, path, **kw) -> "ErnieTokenizer":
-        return cls(load_vocab(path), **kw)
+        return cls(load_vocab(path), source=os.fspath(path), **kw)
 
-    def _special_id(self, name: str, token: str | int) -> int:
+    def _special_id(self, name: str, token: str | int, expected: str | None) -> int:
+        """The id of a special token; `expected` is the vocab token an id must belong to."""
         if isinstance(token, (int, np.integer)) and not isinstance(token, bool):
             if token < 0:
                 raise ValueError(f"{name}: id must be >= 0, got {token}")
-            return int(token)
+            token = int(token)
+            if expected is not None and self.vocab.get(expected) != token:
+                found = (f"{expected} has id {self.vocab[expected]}" if expected in self.vocab
+                         else f"no {expected} token")
+                raise VocabError(f"{self.source}: {found} but the config says {name} {token} "
+                                 f"(a vocab for this model has {expected} at id {token})")
+            return token
         if token not in self.vocab:
-            raise ValueError(f"{name} {token!r} is not in the vocab; give it as an id instead")
+            raise VocabError(f"{self.source}: {name} {token!r} is not in the vocab")
         return self.vocab[token]
+
+    def _check_special_ids_unshared(self) -> None:
+        special = {self.pad_id: "pad_token", self.cls_id: "cls_token", self.sep_id: "sep_token",
+                   self.mask_id: "mask_token"}
+        owners = {}
+        for token, idx in self.vocab.items():
+            if idx in special:
+                owners.setdefault(idx, []).append(token)
+        for idx, tokens in owners.items():
+            if len(tokens) > 1:
+                raise VocabError(f"{self.source}: id {idx} ({special[idx]}) is shared by "
+                                 f"{', '.join(map(repr, tokens[:3]))}")
 
     @property
     def vocab_size(self) -> int:
         """Rows the embedding needs: max id + 1 (duplicates can leave holes, so not len(vocab))."""
-        return max(self.vocab.values()) + 1
+        return self.max_id + 1
+
+    @property
+    def max_id(self) -> int:
+        """The largest id in the vocab or among the special ids."""
+        return max(max(self.vocab.values()), self.cls_id, self.sep_id, self.pad_id, self.unk_id,
+                   self.mask_id)
+
+    def check_embedding_rows(self, rows: int, what: str = "the text tower") -> None:
+        """VocabError unless every id fits an embedding table of `rows` rows."""
+        if self.max_id >= rows:
+            raise VocabError(f"{self.source}: ids go up to {self.max_id} but {what} has only "
+                             f"{rows} token embeddings (vocab_size {rows}); wrong vocab or text config?")
 
     def tokenize(self, text: str) -> list[str]:
         return [p for w in self.basic.tokenize(text) for p in self.wordpiece.tokenize(w)]

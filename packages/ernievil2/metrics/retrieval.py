@@ -18,6 +18,14 @@ block products, so every score is computed once:
   therefore always the count over the main pass's scores, like the official's count over its
   score matrix.
 
+Ties: the official counts a tie in the query's favour ("optimistic", the default everywhere), so
+collapsed embeddings (identical or all-zero rows) score R@K = 100. The "pessimistic" ranks count a
+tied wrong candidate against the query: the rank is the number of wrong candidates scoring >= the
+correct one (for Image2Text with several captions: >= its best caption; a tie between two of its
+own captions does not count); collapsed embeddings then score the worst case, 0 once there are
+more than K candidates. Without ties both are equal; a gap means the scores cannot tell the
+candidates apart. The ``*_both`` functions give both tables from one scoring pass.
+
 Blocks default to the official's own row blocks (10 equal blocks) when they fit the memory budget,
 so the float32 dot products are the same BLAS calls as the official's, bit for bit.
 NumPy only: this module never imports Paddle.
@@ -35,6 +43,10 @@ __all__ = [
     "recall_row",
     "official_recall",
     "multi_caption_recall",
+    "official_recall_both",
+    "multi_caption_recall_both",
+    "tie_gap",
+    "tie_warning",
     "percent_table",
     "format_table",
 ]
@@ -43,6 +55,8 @@ DEFAULT_KS = (1, 5, 10)
 MAX_CHUNK_ROWS = 1024
 SCORE_BLOCK_BYTES = 64 << 20  # float32 scores of one block of query rows
 PREPASS_ROWS = 512  # rows per positive-score block of the pre-pass (few BLAS calls)
+TIES = ("optimistic", "pessimistic")
+TIE_WARN_POINTS = 1.0  # R@1 gap (percentage points) between the two tie rules worth a warning
 
 
 def _row_blocks(n: int, n_candidates: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -75,13 +89,16 @@ def _check_embeddings(name: str, a) -> np.ndarray:
 
 
 def _rank_positives(queries: np.ndarray, candidates: np.ndarray, positive: np.ndarray,
-                    chunk_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+                    chunk_size: int | None, pessimistic: bool = False):
     """Ranks for scores s(i, j) = queries[i] . candidates[j] with query i's correct candidate
     ``positive[i]``.
 
-    Returns (query_ranks [n], candidate_ranks [m]):
+    Returns {"optimistic": (query_ranks [n], candidate_ranks [m])} with
       query_ranks[i]     = #{j : s(i, j) > s(i, positive[i])}
-      candidate_ranks[j] = #{i : s(i, j) > max over i' with positive[i'] == j of s(i', j)}
+      candidate_ranks[j] = #{i : s(i, j) > T_j},  T_j = max over i' with positive[i'] == j of s(i', j)
+    and, if ``pessimistic``, "pessimistic": (query_ranks, candidate_ranks) with
+      query_ranks[i]     = #{j != positive[i] : s(i, j) >= s(i, positive[i])}
+      candidate_ranks[j] = #{i : positive[i] != j and s(i, j) >= T_j}
     Every candidate must be the positive of at least one query.
     """
     n, m = len(queries), len(candidates)
@@ -94,21 +111,36 @@ def _rank_positives(queries: np.ndarray, candidates: np.ndarray, positive: np.nd
     query_ranks = np.empty(n, np.int64)
     candidate_ranks = np.zeros(m, np.int64)
     positive_scores = np.empty(n, np.float32)
+    if pessimistic:
+        query_at_least = np.empty(n, np.int64)  # positives included
+        candidate_at_least = np.zeros(m, np.int64)
     for a, b in blocks:
         scores = queries[a:b] @ cand_t
         pos = scores[np.arange(b - a), positive[a:b]]
         positive_scores[a:b] = pos
         query_ranks[a:b] = _count_true(scores > pos[:, None], axis=1)
         candidate_ranks += _count_true(scores > threshold, axis=0)
+        if pessimistic:
+            query_at_least[a:b] = _count_true(scores >= pos[:, None], axis=1)
+            candidate_at_least += _count_true(scores >= threshold, axis=0)
 
     exact = np.full(m, -np.inf, np.float32)
     np.maximum.at(exact, positive, positive_scores)
     if not np.array_equal(exact, threshold):  # BLAS rounded a pre-pass block differently
         candidate_ranks[:] = 0
+        if pessimistic:
+            candidate_at_least[:] = 0
         for a, b in blocks:
             scores = queries[a:b] @ cand_t
             candidate_ranks += _count_true(scores > exact, axis=0)
-    return query_ranks, candidate_ranks
+            if pessimistic:
+                candidate_at_least += _count_true(scores >= exact, axis=0)
+    ranks = {"optimistic": (query_ranks, candidate_ranks)}
+    if pessimistic:
+        # the count of scores >= s(i, positive[i]) includes that positive itself once
+        top_positives = np.bincount(positive[positive_scores == exact[positive]], minlength=m)
+        ranks["pessimistic"] = (query_at_least - 1, candidate_at_least - top_positives)
+    return ranks
 
 
 def _count_true(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -132,27 +164,30 @@ def _positive_thresholds(queries, candidates, positive, blocks) -> np.ndarray:
     return threshold
 
 
-def paired_ranks(text, image, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Official protocol: line i's text and line i's image are each other's only match.
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
 
-    Returns (text_to_image_ranks [N], image_to_text_ranks [N]).
-    """
+
+def _paired(text, image, chunk_size, pessimistic):
     text = _check_embeddings("text", text)
     image = _check_embeddings("image", image)
     if text.shape != image.shape:
         raise ValueError(f"text {text.shape} and image {image.shape} must have the same shape")
-    return _rank_positives(text, image, np.arange(len(text)), chunk_size)
+    return _rank_positives(text, image, np.arange(len(text)), chunk_size, pessimistic)
 
 
-def multi_caption_ranks(text, image, image_ids: Sequence, chunk_size: int | None = None):
-    """Several captions per image: lines with the same image id share one image.
+def paired_ranks(text, image, chunk_size: int | None = None,
+                 ties: str = "optimistic") -> tuple[np.ndarray, np.ndarray]:
+    """Official protocol: line i's text and line i's image are each other's only match.
 
-    The images are the distinct ids in first-appearance order, each with the image embedding of
-    its first line. Text2Image: a text's rank among the images. Image2Text: an image's rank is
-    that of its best-ranked caption (it hits R@K if ANY of its captions is in the top K texts).
-
-    Returns (text_to_image_ranks [N], image_to_text_ranks [M], distinct ids [M]).
+    Returns (text_to_image_ranks [N], image_to_text_ranks [N]), ties counted as ``ties`` says.
     """
+    _check_ties(ties)
+    return _paired(text, image, chunk_size, ties == "pessimistic")[ties]
+
+
+def _multi_caption(text, image, image_ids, chunk_size, pessimistic):
     text = _check_embeddings("text", text)
     image = _check_embeddings("image", image)
     if text.shape != image.shape:
@@ -168,8 +203,22 @@ def multi_caption_ranks(text, image, image_ids: Sequence, chunk_size: int | None
             first_line.append(i)
         positive[i] = j
     images = image[np.asarray(first_line)]
-    t2i, i2t = _rank_positives(text, images, positive, chunk_size)
-    return t2i, i2t, list(index)
+    return _rank_positives(text, images, positive, chunk_size, pessimistic), list(index)
+
+
+def multi_caption_ranks(text, image, image_ids: Sequence, chunk_size: int | None = None,
+                        ties: str = "optimistic"):
+    """Several captions per image: lines with the same image id share one image.
+
+    The images are the distinct ids in first-appearance order, each with the image embedding of
+    its first line. Text2Image: a text's rank among the images. Image2Text: an image's rank is
+    that of its best-ranked caption (it hits R@K if ANY of its captions is in the top K texts).
+
+    Returns (text_to_image_ranks [N], image_to_text_ranks [M], distinct ids [M]).
+    """
+    _check_ties(ties)
+    ranks, ids = _multi_caption(text, image, image_ids, chunk_size, ties == "pessimistic")
+    return (*ranks[ties], ids)
 
 
 def recall_row(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
@@ -195,22 +244,59 @@ def _table_rows(t2i_ranks, i2t_ranks, ks) -> dict[str, dict[str, float]]:
             "MeanRecall": {k: float(v) for k, v in mean.items()}}
 
 
-def official_recall(text, image, ks: Sequence[int] = DEFAULT_KS,
-                    chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+def official_recall(text, image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None,
+                    ties: str = "optimistic") -> dict[str, dict[str, float]]:
     """The official eval_retri.py rows (as fractions; format_table prints them as the official).
 
     Returns {"Text2Image": {...}, "Image2Text": {...}, "MeanRecall": {...}}, each row
     {"R@1", "R@5", "R@10", "meanRecall"}. Unlike the official, N need not be a multiple of 10.
+    ``ties="pessimistic"`` counts tied wrong candidates against the query (module docstring).
     """
-    t2i, i2t = paired_ranks(text, image, chunk_size)
+    t2i, i2t = paired_ranks(text, image, chunk_size, ties)
     return _table_rows(t2i, i2t, ks)
 
 
 def multi_caption_recall(text, image, image_ids: Sequence, ks: Sequence[int] = DEFAULT_KS,
-                         chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+                         chunk_size: int | None = None,
+                         ties: str = "optimistic") -> dict[str, dict[str, float]]:
     """Rows like official_recall, with the multi-caption protocol (see multi_caption_ranks)."""
-    t2i, i2t, _ = multi_caption_ranks(text, image, image_ids, chunk_size)
+    t2i, i2t, _ = multi_caption_ranks(text, image, image_ids, chunk_size, ties)
     return _table_rows(t2i, i2t, ks)
+
+
+def official_recall_both(text, image, ks: Sequence[int] = DEFAULT_KS,
+                         chunk_size: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{"optimistic": rows, "pessimistic": rows} (rows as official_recall) from one scoring pass."""
+    ranks = _paired(text, image, chunk_size, pessimistic=True)
+    return {ties: _table_rows(*ranks[ties], ks) for ties in TIES}
+
+
+def multi_caption_recall_both(text, image, image_ids: Sequence, ks: Sequence[int] = DEFAULT_KS,
+                              chunk_size: int | None = None):
+    """{"optimistic": rows, "pessimistic": rows} (rows as multi_caption_recall), one scoring pass."""
+    ranks, _ = _multi_caption(text, image, image_ids, chunk_size, pessimistic=True)
+    return {ties: _table_rows(*ranks[ties], ks) for ties in TIES}
+
+
+def tie_gap(both: dict[str, dict[str, dict[str, float]]], key: str = "R@1") -> float:
+    """The largest optimistic - pessimistic difference of ``key`` over Text2Image and Image2Text,
+    in percentage points as printed (two decimals); ``both`` as the ``*_both`` functions return."""
+    pct = {ties: percent_table(rows) for ties, rows in both.items()}
+    return max(round(pct["optimistic"][name][key] - pct["pessimistic"][name][key], 2)
+               for name in ("Text2Image", "Image2Text"))
+
+
+def tie_warning(both, key: str = "R@1", points: float = TIE_WARN_POINTS) -> str | None:
+    """A one-line warning when ties inflate ``key`` by more than ``points``, else None."""
+    gap = tie_gap(both, key)
+    if gap <= points:
+        return None
+    pct = {ties: percent_table(rows) for ties, rows in both.items()}
+    rows = ", ".join(f"{name} {pct['optimistic'][name][key]:.2f} vs "
+                     f"{pct['pessimistic'][name][key]:.2f}" for name in ("Text2Image", "Image2Text"))
+    return (f"tied scores: {key} is {gap:.2f} points higher when ties count for the query "
+            f"(optimistic, the official) than against it (pessimistic): {rows}; "
+            "are the embeddings collapsed (identical or zero rows)?")
 
 
 def percent_table(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
