@@ -15,13 +15,10 @@ import time
 from .config import ConfigError, compose, load_config
 from .data.tsv import DataError
 from .fileio import write_text
-from .keys import INFER_KEYS
+from .keys import INFER_KEYS, TRAIN_COMMAND, TRAIN_KEYS
 from .resources import run_config_path
 from .tokenizer import VocabError
-from .train.keys import TRAIN_KEYS
 
-INFER_COMMAND = "run_infer.sh (ernievil2-infer)"
-TRAIN_COMMAND = "run_train.sh (ernievil2-train)"
 TRAIN_SCHEMA = compose(INFER_KEYS, TRAIN_KEYS)
 # Set by the launcher for its workers: where a failing process leaves its one-line error.
 ERROR_DIR_ENV = "ERNIEVIL2_ERROR_DIR"
