@@ -26,6 +26,8 @@ import site
 import subprocess
 import sys
 
+from .resources import run_config_path
+
 COMMANDS = {"infer": "run_infer.sh", "train": "run_train.sh"}
 _ACTIONS = {"infer": "Embed a TSV (text \\t image_id \\t base64 image) with ERNIE-ViL 2.0.",
             "train": "Train ERNIE-ViL 2.0 (multi-view contrastive learning)."}
@@ -120,7 +122,7 @@ class ConsoleFilter:
     def __init__(self, console, logfile, verbose):
         self.console, self.logfile, self.verbose = console, logfile, verbose
         self.failed = False
-        self.shown = set()
+        self.shown = set()  # console lines that may hold an error message
         self._pending = ""
         self._block = None  # "traceback" or "banner" while inside one
 
@@ -165,7 +167,8 @@ class ConsoleFilter:
         line = segment.rstrip("\r\n")
         if self._hidden(line) and not self.verbose:
             return
-        self.shown.add(line.strip())
+        if "rror" in line:  # what the launcher need not print again at the end
+            self.shown.add(line.strip())
         self.console.write(segment)
         self.console.flush()
 
@@ -185,9 +188,9 @@ def read_errors(error_dir):
 
 
 def clear_errors(error_dir):
-    for rec_name in os.listdir(error_dir):
-        if rec_name.startswith("error.rank") and rec_name.endswith(".json"):
-            os.remove(os.path.join(error_dir, rec_name))
+    for name in os.listdir(error_dir):
+        if name.startswith("error.rank") and name.endswith(".json"):
+            os.remove(os.path.join(error_dir, name))
 
 
 def run_single(command, devices, config, overrides, verbose):
@@ -199,23 +202,22 @@ def run_single(command, devices, config, overrides, verbose):
     return cli.main([command, config, *overrides])
 
 
-def run_multi(command, devices, config, overrides, verbose, console=None):
+def run_multi(command, devices, config, overrides, verbose):
     from .cli import check_config, run_main
 
     def check(_):
         return check_config(command, config, overrides)
     cfg = run_main(check)  # a bad config: one line here, before any process starts
-    config_path = os.path.abspath(_resolved(config))
+    config_path = os.path.abspath(run_config_path(config))
     log_dir = os.environ.get("LAUNCH_LOG_DIR") or os.path.join(cfg.log_dir, "launch")
     os.makedirs(log_dir, exist_ok=True)
     clear_errors(log_dir)
     cmd = launch_command(command, devices, config_path, overrides, log_dir, has_gpu(),
                          os.environ.get("NNODES"), os.environ.get("MASTER"))
-    console = console or sys.stdout
     launcher_log = os.path.join(log_dir, "launcher.log")
     with open(launcher_log, "a", encoding="utf-8") as logfile:
         logfile.write(" ".join(cmd) + "\n")
-        out = ConsoleFilter(console, logfile, verbose)
+        out = ConsoleFilter(sys.stdout, logfile, verbose)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=worker_env(log_dir, verbose))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -236,7 +238,7 @@ def run_multi(command, devices, config, overrides, verbose, console=None):
         return 0
     if errors:
         first = errors[0]
-        if first["message"].strip() not in out.shown:
+        if not any(first["message"].strip() in line for line in out.shown):
             where = os.path.join(log_dir, f"workerlog.{first['rank']}")
             what = "log" if first.get("user_error") else "traceback"
             print(f"{first['message']} (rank {first['rank']}; {what}: {where})", file=sys.stderr)
@@ -244,11 +246,6 @@ def run_multi(command, devices, config, overrides, verbose, console=None):
         print(f"error: a process failed (exit status {rc}); see {log_dir}/workerlog.* and "
               f"{launcher_log}", file=sys.stderr)
     return 1
-
-
-def _resolved(config):
-    from .resources import run_config_path
-    return run_config_path(config)
 
 
 def launch(command, devices, config, overrides=(), verbose=False):
