@@ -32,6 +32,16 @@ print(json.dumps({"module": ernievil2.__file__, "configs": ernievil2.shipped_run
 """
 
 
+def test_console_scripts_name_existing_functions():
+    import importlib
+    import tomllib
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"ernievil2-infer", "ernievil2-train", "ernievil2-eval"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
 def can_build_wheels():
     """pip builds a wheel even for a plain install; setuptools < 70.1 needs the wheel package."""
     if importlib.util.find_spec("wheel"):
