@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup demo test test-fast clean-demo
 
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
@@ -21,8 +21,8 @@ setup: $(STAMP)
 # with 2 processes using the trained checkpoint, and score it in both protocols.
 demo: setup
 	$(PY) tools/make_demo_data.py --out demo_out
-	bash run_train.sh 0 packages/configs/demo_tiny.yaml
-	bash run_infer.sh 0,1 demo_out/train/final/infer.yaml
+	PYTHON=$(PY) bash run_train.sh 0 demo_tiny
+	PYTHON=$(PY) bash run_infer.sh 0,1 demo_out/train/final/infer.yaml
 	@echo "== official protocol (line i's text <-> line i's image; chance R@1 = 0.5%) =="
 	$(PY) eval_retri.py demo_out/cross_modal_embeddings.out
 	@echo "== multi-caption protocol (images = distinct image ids; chance R@1 = 1%) =="

@@ -1,11 +1,11 @@
-"""Train ERNIE-ViL 2.0 with multi-view contrastive learning (called by run_train.sh)."""
+"""One training process: `python run_train.py CONFIG [key=value ...]`.
+run_train.sh (ernievil2-train) is the launcher: one process or several."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "packages"))
 
-from ernievil2.cli import run_main  # noqa: E402
-from ernievil2.train.loop import main  # noqa: E402
+from ernievil2.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -52,8 +52,8 @@ flickr8k-data: $(F8K_TAGGED) $(F8K_VOCAB) $(F8K_TOWER)
 
 flickr8k: flickr8k-data
 	rm -rf $(F8K_OUT)/train
-	bash run_train.sh 0 $(F8K_CONFIG) $(F8K_PATHS) output_dir=$(F8K_OUT)/train log_dir=$(F8K_OUT)/train
-	bash run_infer.sh 0 $(F8K_OUT)/train/final/infer.yaml test_file=$(F8K_VAL) \
+	PYTHON=$(PY) bash run_train.sh 0 $(F8K_CONFIG) $(F8K_PATHS) output_dir=$(F8K_OUT)/train log_dir=$(F8K_OUT)/train
+	PYTHON=$(PY) bash run_infer.sh 0 $(F8K_OUT)/train/final/infer.yaml test_file=$(F8K_VAL) \
 	    output_file=$(F8K_OUT)/val_embeddings.out log_dir=$(F8K_OUT)/train
 	@echo "== Flickr8k-CN val, official protocol (line i <-> line i)"
 	@$(PY) eval_retri.py $(F8K_OUT)/val_embeddings.out

@@ -1,10 +1,13 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from conftest import ROOT
+from ernievil2 import resources
 from ernievil2.cli import load_infer_config as load_config, load_train_config
 from ernievil2.config import ConfigError
 from ernievil2.keys import OFFICIAL_KEYS
+from ernievil2.models.ernie import load_ernie_config
 
 OFFICIAL_YAML = {
     "input_dtype": "int64", "device": "gpu", "infer_batch_size": 10, "max_text_seqlen": 48,
@@ -24,15 +27,51 @@ def test_the_official_yaml_is_accepted_as_is(tmp_path):
     assert cfg.infer_batch_size == 10 and cfg.image_model == "vit_b16"
 
 
-@pytest.mark.parametrize("name", ["ernie_vil_base", "ernie_vil_base_efficientnet_b5",
-                                  "ernie_vil_large_vit_l14", "ernie_vil_large_efficientnet_l2",
-                                  "demo_tiny"])
-def test_shipped_configs_are_valid_and_document_the_official_keys(name):
-    path = ROOT / "packages" / "configs" / f"{name}.yaml"
-    cfg = load_config(str(path))
-    assert cfg.text_model_config
-    if name != "demo_tiny":
-        assert set(OFFICIAL_KEYS) <= set(yaml.safe_load(path.read_text()))
+SHIPPED = ["demo_tiny", "ernie_vil_base", "ernie_vil_base_efficientnet_b5",
+           "ernie_vil_large_efficientnet_l2", "ernie_vil_large_vit_l14", "flickr8k_cn_lite0"]
+
+
+def test_the_shipped_configs_are_listed_by_resources():
+    assert resources.shipped_run_configs() == SHIPPED
+    assert set(resources.shipped_text_configs()) >= {"ernie_3.0_base_zh", "ernie_demo_tiny"}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_by_name_from_any_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, train_cfg = load_config(name), load_train_config(name)
+    path = resources.run_config_path(name)
+    assert Path(path).parent == resources.configs_dir() and cfg.infer_batch_size >= 1
+    assert train_cfg.text_model_config == cfg.text_model_config
+    # the text tower is named, not a path into the source tree, and resolves from here
+    assert "/" not in yaml.safe_load(Path(path).read_text())["text_model_config"]
+    assert load_ernie_config(cfg.text_model_config)["hidden_size"] > 0
+    if name.startswith("ernie_vil"):
+        assert set(OFFICIAL_KEYS) <= set(yaml.safe_load(Path(path).read_text()))
+
+
+@pytest.mark.parametrize("name", resources.shipped_text_configs())
+def test_shipped_text_configs_are_plain_ernie_configs(name):
+    path = resources.text_config_path(name.replace("_", "-"))
+    assert path.endswith(f"{name}.json") and not any(k.startswith("_") for k in load_ernie_config(path))
+
+
+def test_the_factory_reads_a_run_config_that_also_drives_training():
+    from ernievil2.factory import as_config
+    cfg = as_config("demo_tiny")
+    assert "max_steps" not in cfg and cfg.embed_dim == 128
+    with pytest.raises(ConfigError, match="'infer_batch_sise'"):
+        as_config("demo_tiny", infer_batch_sise=3)
+
+
+def test_paths_in_a_config_stay_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tower.json").write_text((resources.configs_dir() / "text" / "ernie_demo_tiny.json").read_text())
+    (tmp_path / "run.yaml").write_text("test_file: data/x.tsv\ntext_model_config: tower.json\n")
+    cfg = load_config("run.yaml", ["output_file=out/e.out"])
+    assert (cfg.test_file, cfg.text_model_config, cfg.output_file) == ("data/x.tsv", "tower.json", "out/e.out")
+    with pytest.raises(ConfigError, match="not found: nothing_here.yaml"):
+        load_config("nothing_here.yaml")
 
 
 def test_unknown_key_and_bad_value_name_the_key(tmp_path):

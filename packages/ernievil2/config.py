@@ -1,7 +1,7 @@
-"""Run configuration: a generic schema and loader. The key tables live with their users
-(`ernievil2.keys` for inference and the model, `ernievil2.train.keys` for training); each entry
-point composes the schema it accepts. An unknown key or a bad value is an error naming the key,
-with "did you mean" (the official AttrDict accepted anything).
+"""Run configuration: a generic schema and loader. The key tables are in `ernievil2.keys`
+(INFER_KEYS, TRAIN_KEYS); each entry point composes the schema it accepts. An unknown key or a
+bad value is an error naming the key, with "did you mean" (the official AttrDict accepted
+anything).
 """
 import difflib
 import os

@@ -16,7 +16,7 @@ import paddle
 
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config
-from .keys import INFER_KEYS
+from .keys import INFER_KEYS, TRAIN_COMMAND, TRAIN_KEYS
 from .models.dual_encoder import ErnieViL2
 from .models.ernie import ErnieTextModel, load_ernie_config
 from .models.params import count_parameters
@@ -55,7 +55,9 @@ def as_config(config=None, **overrides) -> Config:
         items = list(config.items())
     elif config is not None:
         raise ConfigError(f"config must be a name, a path, a mapping or a Config, got {config!r}")
-    return load_config(path, items + list(overrides.items()), schema=INFER_KEYS)
+    # a run config may also drive training: its training keys are that command's to check
+    return load_config(path, items + list(overrides.items()), schema=INFER_KEYS,
+                       elsewhere={TRAIN_COMMAND: TRAIN_KEYS})
 
 
 def _validated(overrides, cfg):

@@ -1,7 +1,9 @@
-"""The inference and model keys: the official `ernie_vil_base.yaml` keys with their official
-meaning, plus the project's own. run_infer.sh accepts these; run_train.sh accepts these and the
-training keys (`ernievil2.train.keys`)."""
-from .config import Key, is_bool, is_int, is_str, one_of, opt_int
+"""The key tables of the run config, one per command; each entry point composes its schema from
+them (run_infer.sh: INFER_KEYS; run_train.sh: INFER_KEYS + TRAIN_KEYS), so one YAML file can drive
+both commands. INFER_KEYS are the official `ernie_vil_base.yaml` keys with their official meaning
+plus the project's own (model, reader, execution); TRAIN_KEYS are training's. The library knows
+the training keys only as names to leave alone: a run config given to the factory may hold them."""
+from .config import Key, is_bool, is_int, is_num, is_str, num_key, one_of, opt_int
 from .resources import text_config_path
 
 OFFICIAL_KEYS = {
@@ -44,3 +46,76 @@ PROJECT_KEYS = {
 }
 
 INFER_KEYS = {**OFFICIAL_KEYS, **PROJECT_KEYS}
+
+INFER_COMMAND = "run_infer.sh (ernievil2-infer)"
+TRAIN_COMMAND = "run_train.sh (ernievil2-train)"
+
+VIEWS = ("image", "image_aug", "text", "text_aug", "tags")
+
+
+def _is_pairs(v):
+    return (isinstance(v, list) and len(v) > 0 and all(
+        isinstance(p, list) and len(p) == 3 and p[0] in VIEWS and p[1] in VIEWS and p[0] != p[1]
+        and isinstance(p[2], (int, float)) and p[2] >= 0 for p in v))
+
+
+def _opt_num(v):
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+
+
+TRAIN_KEYS = {
+    "train_file": Key("", is_str, "a path", "training TSV: text \\t image_id \\t base64 [\\t tags [\\t label]]"),
+    "val_file": Key("", is_str, "a path or empty", "validation TSV scored every val_every steps (both protocols)"),
+    "output_dir": Key("./output", is_str, "a path", "checkpoints, train.jsonl and the final model"),
+    "batch_size": Key(32, is_int(1), "a positive int", "GLOBAL batch (all processes), the number of in-batch negatives"),
+    "micro_batch_size": Key(0, is_int(0), "an int >= 0", "rows per encoder call on each process (GradCache); 0 = the whole local batch"),
+    "max_steps": Key(1000, is_int(1), "a positive int", "optimizer steps"),
+    "lr": num_key(5e-4, "peak learning rate"),
+    "image_lr": Key(None, _opt_num, "null or a number", "image tower learning rate; null = lr", coerce=float),
+    "text_lr": Key(None, _opt_num, "null or a number", "text tower learning rate; null = lr", coerce=float),
+    "weight_decay": num_key(0.1, "AdamW decay (never on norms, biases, embeddings, temperatures)"),
+    "warmup_steps": Key(100, is_int(0), "an int >= 0", "linear warmup, then cosine to min_lr_ratio * lr"),
+    "min_lr_ratio": num_key(0.0, "final lr / peak lr"),
+    "adam_beta1": num_key(0.9, "AdamW beta1"),
+    "adam_beta2": num_key(0.98, "AdamW beta2"),
+    "adam_eps": num_key(1e-6, "AdamW epsilon"),
+    "ema_decay": num_key(0.0, "moving average of the trained weights, used for validation "
+                         "and the final model (e.g. 0.99); 0 = off", hi=1, expect="a number in [0, 1)"),
+    "grad_clip_norm": num_key(0.0, "global gradient norm clip; 0 = off"),
+    "freeze_image_tower": Key(False, is_bool, "true or false", "keep the image tower fixed (LiT)"),
+    "freeze_text_tower": Key(False, is_bool, "true or false", "keep the text tower fixed"),
+    "image_feature_cache": Key(0, is_int(0), "an int >= 0",
+                               "with freeze_image_tower: run the frozen tower once on K fixed views of each "
+                               "training image (view 0 eval transform, 1..K-1 augmented) and train from "
+                               "those features; 0 = run the tower every step"),
+    "image_feature_cache_dir": Key("", is_str, "a path or empty",
+                                   "keep the image_feature_cache array here, reused by runs with the "
+                                   "same file, tower, K, seed and transforms"),
+    "image_feature_cache_seed": Key(None, lambda v: v is None or is_int()(v), "null or an int", "seed of the cached views' augmentations; null = seed "
+                                    "(fix it to share one cache across runs of different seeds)"),
+    "freeze_bn_stats": Key("auto", one_of("auto", True, False), "auto, true or false",
+                           "BatchNorm on running statistics; auto = when GradCache is on (BN cannot be exact there)"),
+    "views": Key([["image", "text", 1.0]], _is_pairs, "a list of [view_a, view_b, weight]",
+                 "contrasted view pairs; views: image, image_aug, text, text_aug, tags"),
+    "targets": Key("clip", one_of("clip", "unicl"), "clip or unicl",
+                   "unicl: rows sharing an image id (or label) are positives (soft targets)"),
+    "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two rows the same class for unicl"),
+    "init_logit_scale": Key(None, lambda v: v is None or is_num(0)(v), "null or a number >= 0",
+                            "log of the initial logit scale of every configured view pair; null = 2.65926 "
+                            "(official) where a temperature starts at random, the checkpoint's value where "
+                            "init_from_params has one; a number overrides the checkpoint", coerce=float),
+    "max_logit_scale": num_key(4.6052, "clamp of every temperature (log 100)"),
+    "text_aug": Key("mask", one_of("mask", "other_caption"), "mask or other_caption",
+                    "second textual view: a masked/dropped copy, or another caption of the same image"),
+    "text_mask_prob": num_key(0.15, "share of tokens masked or dropped in the text_aug view"),
+    "augment": Key(True, is_bool, "true or false", "train-time image augmentation (else the eval transform)"),
+    "init_image_tower": Key("", is_str, "a path or empty", "an image-tower checkpoint (visual.* names), e.g. converted Lite0"),
+    "grad_checkpointing": Key(False, is_bool, "true or false", "activation recompute in the towers"),
+    "save_every": Key(500, is_int(1), "a positive int", "checkpoint every N steps (atomic)"),
+    "keep_last": Key(2, is_int(1), "a positive int", "checkpoints kept (plus the best on validation)"),
+    "val_every": Key(500, is_int(1), "a positive int", "validate every N steps (and at the end)"),
+    "val_batch_size": Key(64, is_int(1), "a positive int", "batch for validation embedding"),
+    "log_every": Key(10, is_int(1), "a positive int", "console/JSON-lines log every N steps"),
+    "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir"),
+}
+
