@@ -124,11 +124,8 @@ def train(argv=None):
     """One training process."""
     cfg = _config_args("train", argv, "Multi-view contrastive training of ERNIE-ViL 2.0: one "
                        "process (run_train.sh / ernievil2-train launch them).")
-    from .train import loop
-    if hasattr(loop, "train"):
-        loop.train(cfg)
-    else:
-        loop.Trainer(cfg).fit()
+    from .train.loop import train as run_training
+    run_training(cfg)
 
 
 def evaluate(argv=None):

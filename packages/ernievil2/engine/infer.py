@@ -93,15 +93,3 @@ def run(cfg):
     finally:
         if lock is not None:
             lock.release()
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Embed a TSV (text \\t image_id \\t base64 image) with "
-                                "ERNIE-ViL 2.0; the engine behind run_infer.sh.")
-    p.add_argument("config", help="YAML config (official keys plus the project's; see README)")
-    p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
-    args = p.parse_args(argv)
-    from ..cli import load_infer_config
-    cfg = load_infer_config(args.config, args.overrides)
-    run(cfg)

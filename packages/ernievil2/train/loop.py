@@ -395,14 +395,3 @@ def train(cfg):
     write_final(run)
     data.batcher.close()
     barrier()
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Multi-view contrastive training of ERNIE-ViL 2.0 "
-                                "(the engine behind run_train.sh).")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
-    args = p.parse_args(argv)
-    from ..cli import load_train_config
-    train(load_train_config(args.config, args.overrides))
