@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
-from ernievil2.cli import USER_ERRORS, load_infer_config  # noqa: E402
+from ernievil2.cli import load_infer_config, run_main  # noqa: E402
 from ernievil2.device import select_device  # noqa: E402
 from ernievil2.export import ONNX_OPSET, export_from_config  # noqa: E402
 
@@ -35,13 +35,9 @@ def main(argv=None):
     p.add_argument("--verify", action="store_true", help="check exported vs eager outputs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_infer_config(args.config, args.overrides)
-        select_device(cfg.device)  # trace on the device the config names (export where you deploy)
-        meta = export_from_config(cfg, args.out, onnx=args.onnx, opset=args.opset, verify=args.verify)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = load_infer_config(args.config, args.overrides)
+    select_device(cfg.device)  # trace on the device the config names (export where you deploy)
+    meta = export_from_config(cfg, args.out, onnx=args.onnx, opset=args.opset, verify=args.verify)
     files = sorted(os.listdir(args.out))
     print(f"exported to {args.out}: {', '.join(files)}")
     if args.verify:
@@ -54,4 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

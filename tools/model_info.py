@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import paddle  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from ernievil2.cli import USER_ERRORS, load_infer_config  # noqa: E402
+from ernievil2.cli import load_infer_config, run_main  # noqa: E402
 from ernievil2.factory import create_model, image_preprocess_spec, resolve_image_spec  # noqa: E402
 from ernievil2.models.params import count_parameters  # noqa: E402
 
@@ -46,12 +46,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = []
     for path in args.configs:
-        try:
-            cfg = load_infer_config(path)
-            s = model_summary(cfg)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        cfg = load_infer_config(path)
+        s = model_summary(cfg)
         count = lambda n: "-" if n is None else f"{n:,}"  # noqa: E731  (as the run logs print it)
         rows.append([os.path.basename(path), cfg.image_model if isinstance(cfg.image_model, str) else "custom",
                      s["image_size"], count(s["image_tower"]), count(s["image_tower_with_classifier"]),
@@ -63,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

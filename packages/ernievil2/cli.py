@@ -61,7 +61,9 @@ def check_config(command, path, overrides=()):
 def user_error_line(exc):
     """The one line of an expected user error, or None for anything else (a bug: traceback)."""
     from .checkpoint import CheckpointError  # imports paddle, so only once something failed
-    if isinstance(exc, (ConfigError, DataError, CheckpointError, VocabError, FileNotFoundError)):
+    from .deploy_encoder import ExportError
+    if isinstance(exc, (ConfigError, DataError, CheckpointError, VocabError, ExportError,
+                        FileNotFoundError)):
         return f"error: {exc}"
     if isinstance(exc, OSError) and exc.errno in USER_OS_ERRNOS:
         return f"error: {exc}"
