@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "packages"))
 
-from ernievil2.metrics.embeddings_io import write_embeddings  # noqa: E402
+from ernievil2.embeddings import write_embeddings  # noqa: E402
 
 NAIVE = r'''
 import sys

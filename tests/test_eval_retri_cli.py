@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, need_shared
 from tabulate import tabulate
 
-from ernievil2.metrics.embeddings_io import write_embeddings
+from ernievil2.embeddings import write_embeddings
 
 sys.path.insert(0, str(ROOT))
 import eval_retri  # noqa: E402

@@ -9,7 +9,7 @@ import yaml
 from conftest import ROOT
 from ernievil2.cli import load_infer_config as load_config
 from ernievil2.engine.infer import run
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 from helpers import make_image, tiny_config, tsv_line
 
 

@@ -21,7 +21,7 @@ from ..device import select_device
 from ..distributed import barrier, init_distributed
 from ..export import ensure_export
 from ..logging_utils import setup_logging
-from ..metrics.embeddings_io import write_embeddings
+from ..embeddings import write_embeddings
 from ..models.params import count_parameters
 from ..models.factory import create_model, image_preprocess_spec
 from ..tokenizer import ErnieTokenizer
