@@ -33,7 +33,7 @@ class EmbeddingFile:
     image: np.ndarray  # float32 [N, D]
     line_numbers: np.ndarray  # int64 [N]: column 3 (official: all 1; ours: 1-based input line)
     source: str = "text"  # "text" (parsed) or "sidecar" (loaded from FILE.npz)
-    digest: str | None = None  # content hash of the text file (sidecar.content_digest) if known
+    digest: str | None = None  # sidecar.content_digest of the text file, when known
 
     @property
     def num_lines(self) -> int:

@@ -6,7 +6,6 @@ through a vectorised SWAR parser (NumPy releases the GIL inside its loops, so th
 block of long tokens (e.g. 17 significant digits, what ``repr(float)`` writes) through NumPy's C
 text parser (``np.loadtxt``: correctly rounded like ``float()``, but it holds the GIL); a block
 that fails either (odd layout, a bad value) through a line-by-line parse that names FILE:LINE.
-The file's SHA-256 is computed from the blocks as they are read (for the sidecar).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import numpy as np
 
 from ..data.tsv import UTF8_BOM, content_end
 from .format import FLOAT32_OVERFLOW, EmbeddingFile, EmbeddingFormatError
-from .sidecar import new_hasher
 
 READ_BLOCK_BYTES = 1 << 20  # ~1 MiB of whole lines per vectorised parse (temporaries stay small)
 SWAR_MAX_TOKEN = 18  # "-0." + 15 digits: longer tokens are beyond the SWAR parser
@@ -37,7 +35,6 @@ def parse_text_file(path, workers: int | None = None) -> EmbeddingFile:
     workers = max(1, workers or min(4, os.cpu_count() or 1))
     local = threading.local()
     builder = None
-    hasher = new_hasher()
 
     def parse_into(buf, row0, first_line_no, n_lines):
         parser = getattr(local, "parser", None)
@@ -54,7 +51,7 @@ def parse_text_file(path, workers: int | None = None) -> EmbeddingFile:
         end = content_end(f, size)
         f.seek(0)
         try:
-            for buf in _line_blocks(f, end, hasher):
+            for buf in _line_blocks(f, end):
                 if builder is None:
                     builder = _ArrayBuilder(_dim_from_first_line(buf, path),
                                             _estimate_lines(buf, end))
@@ -71,7 +68,7 @@ def parse_text_file(path, workers: int | None = None) -> EmbeddingFile:
                 fut.cancel()
     if builder is None:
         raise EmbeddingFormatError(f"{path}:1: empty file (no embedding lines)")
-    return builder.result(hasher.hexdigest())
+    return builder.result()
 
 
 def _drain(pending, keep: int) -> None:
@@ -79,15 +76,14 @@ def _drain(pending, keep: int) -> None:
         pending.popleft().result()
 
 
-def _line_blocks(f, end: int, hasher):
+def _line_blocks(f, end: int):
     """Yield ~READ_BLOCK_BYTES chunks of whole lines of bytes [0, end), each ending with b"\\n"
-    (BOM removed); every byte of the file, trailing blanks too, goes through ``hasher``."""
+    (BOM removed)."""
     pos, first = 0, True
     while pos < end:
         buf = f.read(min(READ_BLOCK_BYTES, end - pos))
         if pos + len(buf) < end and not buf.endswith(b"\n"):
             buf += f.readline(end - pos - len(buf))
-        hasher.update(buf)
         pos += len(buf)
         if pos >= end:  # end is just past the last non-blank byte: its newline is beyond
             buf += b"\n"
@@ -98,8 +94,6 @@ def _line_blocks(f, end: int, hasher):
                 if not buf.strip():
                     continue
         yield buf
-    while block := f.read(READ_BLOCK_BYTES):
-        hasher.update(block)
 
 
 def _estimate_lines(first_block: bytes, data_size: int) -> int:
@@ -136,10 +130,10 @@ class _ArrayBuilder:
         self.image[row0:row0 + k] = values[:, d:2 * d]
         self.ids[row0:row0 + k] = ids
 
-    def result(self, digest: str) -> EmbeddingFile:
+    def result(self) -> EmbeddingFile:
         n = self.n
         trim = (lambda a: a[:n].copy()) if n < 0.95 * len(self.ids) else (lambda a: a[:n])
-        return EmbeddingFile(trim(self.text), trim(self.image), trim(self.ids), "text", digest)
+        return EmbeddingFile(trim(self.text), trim(self.image), trim(self.ids), "text")
 
 
 def _grow(a: np.ndarray, cap: int, used: int) -> np.ndarray:

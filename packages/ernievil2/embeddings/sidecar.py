@@ -1,9 +1,9 @@
 """The binary sidecar ``FILE.npz`` next to an embeddings text file.
 
 It holds the parsed arrays plus the SHA-256 of the text file's bytes (all of them: an edit
-anywhere, even one that keeps the size, makes the sidecar stale). The writer hashes the bytes
-as it writes them and the text parser as it reads them, so only loading a sidecar hashes the file
-on its own (SHA-256 runs ~1.5 GB/s with the CPU's SHA extensions, faster than BLAKE2b here).
+anywhere, even one that keeps the size, makes the sidecar stale). The writer hashes the bytes as
+it writes them; loading a sidecar hashes the text file (~0.13 s for a 10k x 768 file: SHA-256
+with the CPU's SHA extensions ran 1.5x faster than BLAKE2b here).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def content_digest(path) -> str:
 
 def write_sidecar(path, emb: EmbeddingFile) -> str:
     """Write ``path + ".npz"`` for the text file at ``path`` (which must already be final).
-    ``emb.digest`` is trusted when set (the writer and the parser compute it from the bytes)."""
+    ``emb.digest`` is trusted when set (the writer computes it from the bytes it writes)."""
     path = os.fspath(path)
     digest = emb.digest or content_digest(path)
     out = sidecar_path(path)
