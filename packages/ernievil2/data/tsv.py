@@ -141,7 +141,7 @@ def record_image_bytes(path: str | os.PathLike, record: Record) -> bytes:
 # line level
 
 
-def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+def physical_lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
     """(1-based line number, byte offset, raw line without its terminator) of every line; the
     BOM is removed from line 1 (and its offset moved past it)."""
     pos = 0
@@ -235,7 +235,7 @@ def iter_records(
 
     pending_blank: list[int] = []  # blank lines not yet known to be in the middle of the file
     with open(path, "rb") as f:
-        for line_no, _, raw in _physical_lines(f):
+        for line_no, _, raw in physical_lines(f):
             if _is_blank(raw):
                 pending_blank.append(line_no)
                 continue
@@ -303,7 +303,7 @@ def index_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, bytes]]:
     """
     blank_no = 0
     with open(path, "rb") as f:
-        for line_no, offset, raw in _physical_lines(f):
+        for line_no, offset, raw in physical_lines(f):
             if _is_blank(raw):
                 blank_no = blank_no or line_no
                 continue
