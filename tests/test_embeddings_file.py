@@ -28,15 +28,7 @@ from ernievil2.embeddings import parser as emb_parser
 
 sys.path.insert(0, str(ROOT))
 import eval_retri  # noqa: E402
-
-
-def embeddings(n, d, seed=0, noise=1.0):
-    rng = np.random.default_rng(seed)
-    text = rng.standard_normal((n, d)).astype(np.float32)
-    image = (text + noise * rng.standard_normal((n, d))).astype(np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
-    return text, image
+from test_eval_retri_cli import embeddings  # noqa: E402
 
 
 def parse_by_float(data: bytes):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .common import ConversionError, PairRecord, ParseResult, load_json, read_image_list, strip_image_ext
+from .common import ConversionError, PairRecord, ParseResult, load_json, select_listed, strip_image_ext
 
 
 def parse_aic_icc(annotations: str, images_dir: str, image_list: str | None = None) -> ParseResult:
@@ -31,13 +31,9 @@ def parse_aic_icc(annotations: str, images_dir: str, image_list: str | None = No
         group += [PairRecord(c, image_id, os.path.join(images_dir, file_name), annotations, f"caption entry {k}")
                   for c in captions]
     notes = [f"{repeated} image id(s) appear in more than one entry of {annotations}"] if repeated else []
-    if image_list:
-        wanted = read_image_list(image_list)
-        ids = [i for i in wanted if i in by_image]
-        if len(ids) < len(wanted):
-            notes.append(f"{len(wanted) - len(ids)} image(s) of {image_list} are not in {annotations}")
-    else:
-        ids = list(by_image)
+    ids, missing = select_listed(by_image, image_list)
+    if missing:
+        notes.append(f"{len(missing)} image(s) of {image_list} are not in {annotations}")
     records = [r for i in ids for r in by_image[i]]
     if not records:
         raise ConversionError(f"{annotations}: no captions")

@@ -6,7 +6,7 @@ import re
 from typing import Sequence
 
 from ..data.tsv import DataError
-from .common import (ConversionError, PairRecord, ParseResult, read_image_list, split_key_text,
+from .common import (ConversionError, PairRecord, ParseResult, select_listed, split_key_text,
                      strip_image_ext, text_lines)
 
 
@@ -57,15 +57,10 @@ def parse_coco_cn(captions: str, image_roots: Sequence[str], split_list: str | N
         by_image.setdefault(image_id, []).append(
             PairRecord(text, image_id, None, captions, f"caption line {line_no}"))
     notes = []
-    if split_list:
-        wanted = read_image_list(split_list)
-        no_caption = [i for i in wanted if i not in by_image]
-        if no_caption:
-            notes.append(f"{len(no_caption)} image(s) of {split_list} have no sentence in {captions} "
-                         f"(first: {', '.join(no_caption[:5])})")
-        ids = [i for i in wanted if i in by_image]
-    else:
-        ids = list(by_image)
+    ids, no_caption = select_listed(by_image, split_list)
+    if no_caption:
+        notes.append(f"{len(no_caption)} image(s) of {split_list} have no sentence in {captions} "
+                     f"(first: {', '.join(no_caption[:5])})")
     records = []
     for image_id in ids:
         path = resolve_coco_image(image_roots, image_id)

@@ -99,6 +99,15 @@ def read_image_list(path: str) -> list[str]:
     return list(dict.fromkeys(strip_image_ext(i) for i in ids))
 
 
+def select_listed(by_image: dict, image_list: str | None) -> tuple[list[str], list[str]]:
+    """(image ids to write, ids of the list without captions): the list's ids that have captions,
+    in list order; every id of ``by_image`` when there is no list."""
+    if not image_list:
+        return list(by_image), []
+    wanted = read_image_list(image_list)
+    return [i for i in wanted if i in by_image], [i for i in wanted if i not in by_image]
+
+
 def load_tags(path: str) -> dict[str, str]:
     """Image id -> object tags from ``image_id \\t tags`` lines (tags space-separated, may be
     empty). Lines without a tab are split at the first whitespace (the COCO-CN tags file).

@@ -5,7 +5,7 @@ import os
 import re
 
 from ..data.tsv import DataError
-from .common import (ConversionError, PairRecord, ParseResult, read_image_list, split_key_text,
+from .common import (ConversionError, PairRecord, ParseResult, select_listed, split_key_text,
                      strip_image_ext, text_lines)
 
 
@@ -73,17 +73,12 @@ def parse_flickr_cn(captions: str, images_dir: str, image_list: str | None = Non
         by_image.setdefault(image_id, []).append(PairRecord(
             text, image_id, os.path.join(images_dir, file_name), captions, f"caption line {line_no}"))
     notes = []
-    if image_list:
-        wanted = read_image_list(image_list)
-        ids = [i for i in wanted if i in by_image]
-        if len(ids) < len(wanted):
-            missing = [i for i in wanted if i not in by_image]
-            notes.append(f"{len(missing)} image(s) of {image_list} have no sentence (first: {', '.join(missing[:5])})")
-        outside = len(by_image) - len(ids)
-        if outside:
-            notes.append(f"{outside} image(s) with sentences in {captions} are not in {image_list}: left out")
-    else:
-        ids = list(by_image)
+    ids, missing = select_listed(by_image, image_list)
+    if missing:
+        notes.append(f"{len(missing)} image(s) of {image_list} have no sentence (first: {', '.join(missing[:5])})")
+    if image_list and len(by_image) > len(ids):
+        notes.append(f"{len(by_image) - len(ids)} image(s) with sentences in {captions} are not in "
+                     f"{image_list}: left out")
     records = [r for i in ids for r in by_image[i]]
     if not records:
         raise ConversionError(f"{captions}: no sentence for the requested images")
