@@ -20,6 +20,12 @@ Differences from the official reader, on purpose:
 
 Line numbers are 1-based and count every physical line (``\\n``-terminated), bad ones included,
 so they match what an editor or ``sed -n Np`` shows.
+
+Every reader of line-based files follows the same rules (UTF-8 BOM dropped, ``\\n`` or ``\\r\\n``,
+blank lines at the end ignored, a blank line before more data is an error): ``iter_records``
+(records, sharded), ``index_lines`` / ``read_line_at`` (byte offsets: the trainer's index, the MUGE
+image index), ``read_column``, ``image_ids_from_tsv`` (the evaluator's lookup) and
+``read_id_list`` (the project's one id-list reader).
 """
 
 from __future__ import annotations
