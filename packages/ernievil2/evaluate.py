@@ -29,7 +29,7 @@ import os
 import sys
 import warnings
 
-from .data.tsv import image_ids_from_tsv, read_id_list
+from .data.tsv import DataError, image_ids_from_tsv, read_id_list
 from .embeddings import read_embeddings, write_sidecar
 from .fileio import write_text
 from .metrics.retrieval import format_table, multi_caption_recall, official_recall, percent_table
@@ -76,8 +76,8 @@ def evaluate(args) -> tuple[dict, dict]:
     else:
         ids = read_id_list(args.image_ids)
         if len(ids) != emb.num_lines:
-            raise ValueError(f"{args.image_ids}: has {len(ids)} ids but the embeddings file has "
-                             f"{emb.num_lines} lines")
+            raise DataError(args.image_ids, None, f"has {len(ids)} ids but the embeddings file has "
+                            f"{emb.num_lines} lines")
         info["image_ids"] = os.path.abspath(args.image_ids)
     rows = multi_caption_recall(emb.text, emb.image, ids, chunk_size=args.chunk_size)
     info.update(num_texts=emb.num_lines, num_images=len(set(ids)))
