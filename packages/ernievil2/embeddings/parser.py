@@ -1,6 +1,6 @@
 """Parse an embeddings text file (format.py) into float32 arrays.
 
-Blocks of ~256 KiB of whole lines are parsed on a few threads and written straight into their rows
+Blocks of ~1 MiB of whole lines are parsed on a few threads and written straight into their rows
 of the output. A block in the official layout (``[-]0.ddddddd`` tokens, single spaces) goes
 through a vectorised SWAR parser (NumPy releases the GIL inside its loops, so threads help); a
 block of long tokens (e.g. 17 significant digits, what ``repr(float)`` writes) through NumPy's C
@@ -20,7 +20,7 @@ import numpy as np
 from ..data.tsv import UTF8_BOM, content_end
 from .format import FLOAT32_OVERFLOW, EmbeddingFile, EmbeddingFormatError
 
-READ_BLOCK_BYTES = 1 << 18  # per vectorised parse; its temporaries stay in L2 (1 MiB: ~20% slower)
+READ_BLOCK_BYTES = 1 << 20  # per vectorised parse (256 KiB and 2 MiB: slower here)
 SWAR_MAX_TOKEN = 18  # "-0." + 15 digits: longer tokens are beyond the SWAR parser
 C_PARSER_SHARE = 8  # a block with over 1/8 of its tokens beyond SWAR goes to np.loadtxt
 
