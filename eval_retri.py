@@ -1,120 +1,13 @@
-"""Evaluate cross-modal retrieval from an embeddings file (drop-in for the official eval_retri.py).
-
-  python eval_retri.py OUT_FILE [--protocol official|multi-caption] [--tsv TEST.tsv]
-                       [--image-ids IDS.txt] [--chunk-size N] [--json results.json]
-
-OUT_FILE is what inference writes: per line, D text floats, a tab, D image floats, a tab, an int
-(the official run_infer.py writes 1; ours writes the 1-based TSV line number). Prints the
-official table (and nothing else) on stdout.
-
-Protocols:
-  official       Line i's text matches line i's image and nothing else, exactly as the official
-                 script (same numbers to the last printed digit; no multiple-of-10 rule). With
-                 several captions per image, an image's other captions count as misses.
-  multi-caption  Lines with the same image id share one image (AIC-ICC, Flickr, COCO with 5
-                 captions). Images = distinct ids, each with its first line's image embedding.
-                 Text2Image: a text hits R@K when its image is in the top K images. Image2Text:
-                 an image hits R@K when ANY of its captions is in the top K texts. Image ids come
-                 from --tsv (column 2 of the TSV, found through the line numbers in column 3; if
-                 column 3 is the official constant 1, line i is TSV line i) or from --image-ids
-                 (one id per line, line i for embedding line i).
-
-Scores are computed a block of rows at a time (never the N x N matrix). A binary sidecar
-OUT_FILE.npz, when present and matching OUT_FILE, is loaded instead of parsing the text.
-"""
-import argparse
-import json
+"""Evaluate cross-modal retrieval from an embeddings file (drop-in for the official eval_retri.py);
+see `python eval_retri.py -h` and packages/ernievil2/evaluate.py."""
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "packages"))
 
-from ernievil2.metrics.embeddings_io import (  # noqa: E402
-    EmbeddingFormatError,
-    image_ids_from_tsv,
-    read_embeddings,
-    read_id_list,
-    write_sidecar,
-)
-from ernievil2.metrics.retrieval import (  # noqa: E402
-    format_table,
-    multi_caption_recall,
-    official_recall,
-    percent_table,
-)
+from ernievil2.evaluate import main  # noqa: E402
 
-PROG = "eval_retri.py"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_file", help="embeddings file written by inference")
-    p.add_argument("--protocol", choices=["official", "multi-caption"], default="official",
-                   help="official (default): line i <-> line i; multi-caption: group lines by "
-                        "image id (needs --tsv or --image-ids)")
-    ids = p.add_mutually_exclusive_group()
-    ids.add_argument("--tsv", help="multi-caption: the test TSV (text, image_id, base64 image)")
-    ids.add_argument("--image-ids", help="multi-caption: a file with one image id per line")
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="query rows scored per block (default: the official's 10 blocks when "
-                        "they fit in ~64 MB of scores, else up to 1024 rows)")
-    p.add_argument("--json", help="also write the results (fractions and printed percentages)")
-    p.add_argument("--no-sidecar", action="store_true",
-                   help="parse OUT_FILE even if OUT_FILE.npz exists")
-    p.add_argument("--write-sidecar", action="store_true",
-                   help="after parsing the text, write OUT_FILE.npz for faster re-evaluation")
-    p.add_argument("--workers", type=int, default=None, help="threads for parsing the text")
-    return p
-
-
-def evaluate(args) -> tuple[dict, dict]:
-    emb = read_embeddings(args.out_file, use_sidecar=not args.no_sidecar, workers=args.workers)
-    if args.write_sidecar and emb.source == "text":
-        write_sidecar(args.out_file, emb)
-    info = {"embeddings": os.path.abspath(args.out_file), "protocol": args.protocol,
-            "num_lines": emb.num_lines, "dim": emb.dim, "loaded_from": emb.source}
-    if args.protocol == "official":
-        rows = official_recall(emb.text, emb.image, chunk_size=args.chunk_size)
-        info.update(num_texts=emb.num_lines, num_images=emb.num_lines)
-        return rows, info
-    if args.tsv:
-        line_numbers = None if emb.has_official_ids else emb.line_numbers
-        ids = image_ids_from_tsv(args.tsv, line_numbers, emb.num_lines)
-        info["tsv"] = os.path.abspath(args.tsv)
-    else:
-        ids = read_id_list(args.image_ids, emb.num_lines)
-        info["image_ids"] = os.path.abspath(args.image_ids)
-    rows = multi_caption_recall(emb.text, emb.image, ids, chunk_size=args.chunk_size)
-    info.update(num_texts=emb.num_lines, num_images=len(set(ids)))
-    return rows, info
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.protocol == "multi-caption" and not (args.tsv or args.image_ids):
-        parser.error("--protocol multi-caption needs --tsv TEST.tsv or --image-ids FILE")
-    if args.protocol == "official" and (args.tsv or args.image_ids):
-        parser.error("--tsv / --image-ids only apply to --protocol multi-caption")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rows, info = evaluate(args)
-        for w in caught:
-            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
-    except (EmbeddingFormatError, OSError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({**info, "recall": rows, "table_percent": percent_table(rows)}, f,
-                      indent=2, ensure_ascii=False)
-            f.write("\n")
-    return 0
-
-
+# Not ernievil2.cli.run_main: cli imports Paddle (~1 s), which evaluation never needs; main
+# reports its own user errors as one line and returns the exit code.
 if __name__ == "__main__":
     sys.exit(main())

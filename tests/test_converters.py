@@ -1,4 +1,4 @@
-"""Converters from the published caption sets to the official TSV (ernievil2.data.converters)
+"""Converters from the published caption sets to the official TSV (ernievil2.datasets)
 and their CLI (tools/build_tsv.py), on tiny synthetic inputs and the shared Flickr8k-CN."""
 
 import base64
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, need_shared
 
-from ernievil2.data import converters as cv
+from ernievil2 import datasets as cv
 from ernievil2.data.tsv import iter_records, record_image_bytes
 
 _spec = importlib.util.spec_from_file_location("build_tsv", ROOT / "tools" / "build_tsv.py")

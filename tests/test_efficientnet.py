@@ -14,12 +14,11 @@ from ernievil2.models.efficientnet import (
     build_efficientnet,
     default_image_size,
     drop_connect,
-    load_lite0_npz,
-    lukemelas_to_paddle_name,
     round_filters,
     round_repeats,
     tf_same_padding,
 )
+from ernievil2.models.lite0_port import load_lite0_npz, lukemelas_to_paddle_name
 
 LITE0 = ("data", "efficientnet_lite0")
 NPZ = (*LITE0, "efficientnet_lite0_imagenet.npz")

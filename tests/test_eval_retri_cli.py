@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, need_shared
 from tabulate import tabulate
 
-from ernievil2.metrics.embeddings_io import write_embeddings
+from ernievil2.embeddings import write_embeddings
 
 sys.path.insert(0, str(ROOT))
 import eval_retri  # noqa: E402
@@ -115,6 +115,16 @@ def test_multi_caption_with_official_constant_ids_and_id_list(tmp_path, capsys):
     write_tsv(tsv, ids + ["e"])
     code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--tsv", tsv)
     assert code == 2 and out == "" and "has 8 lines but the embeddings file has 7" in err
+    # the id list follows the project's one id-list rule: trailing blanks ok, inner ones not
+    id_file.write_text("\n".join(ids) + "\n\n \n")
+    code, out, _ = run(capsys, out_file, "--protocol", "multi-caption", "--image-ids", id_file)
+    assert (code, out) == (0, want)
+    id_file.write_text("\n".join(ids[:3] + [""] + ids[3:]) + "\n")
+    code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--image-ids", id_file)
+    assert code == 2 and f"{id_file}:4: empty line in the middle of the file" in err
+    id_file.write_text("\n".join(ids[:6]) + "\n")
+    code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--image-ids", id_file)
+    assert code == 2 and f"{id_file}: has 6 ids but the embeddings file has 7 lines" in err
 
 
 def test_errors_go_to_stderr_with_file_and_line(tmp_path, capsys):

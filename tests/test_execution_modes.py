@@ -10,7 +10,7 @@ import pytest
 from ernievil2.cli import load_infer_config as load_config
 from ernievil2.engine.infer import run
 from ernievil2.export import CACHE_ENV, config_fingerprint
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 from helpers import tiny_config
 
 ATOL = 1e-5

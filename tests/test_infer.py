@@ -16,7 +16,7 @@ from ernievil2.data.tsv import DataError, SkipReport
 from ernievil2.embed import Embeddings
 from ernievil2.engine.infer import run
 from ernievil2.engine.output import OutputBusyError, OutputLock, merge_parts, write_part
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 from helpers import make_image, tiny_config, tsv_line, write_tsv
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT
 from ernievil2 import cli, launch
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 from helpers import tiny_config
 
 ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 from helpers import make_image, write_tsv, write_vocab
 
 SNIPPET = """

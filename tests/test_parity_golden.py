@@ -14,7 +14,7 @@ import yaml
 from conftest import GOLDEN, ROOT, SHARED, need_shared
 from ernievil2.cli import load_infer_config as load_config
 from ernievil2.engine.infer import run
-from ernievil2.metrics.embeddings_io import read_embeddings
+from ernievil2.embeddings import read_embeddings
 
 pytestmark = pytest.mark.shared
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import need_shared
 from tabulate import tabulate
 
-from ernievil2.metrics import embeddings_io as eio
+from ernievil2.embeddings import parser as eio
 from ernievil2.metrics import retrieval
-from ernievil2.metrics.embeddings_io import (
+from ernievil2.embeddings import (
     EmbeddingFormatError,
     StaleSidecarWarning,
     format_float32_rows,

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ernievil2.data.tsv import DataError, iter_records, record_image_bytes  # noqa: E402
+from ernievil2.fileio import atomic_path, write_text  # noqa: E402
 from ernievil2.metrics.retrieval import (  # noqa: E402
     multi_caption_recall,
     official_recall,
@@ -71,7 +72,8 @@ def image_features(path, images, image_size, weights, batch=32, cache_dir=None, 
         if set(feats) == set(images):
             return feats
     import paddle
-    from ernievil2.models.efficientnet import build_efficientnet, load_lite0_npz
+    from ernievil2.models.efficientnet import build_efficientnet
+    from ernievil2.models.lite0_port import load_lite0_npz
 
     model = build_efficientnet("lite0", with_classifier=False)
     load_lite0_npz(model, weights)
@@ -96,9 +98,8 @@ def image_features(path, images, image_size, weights, batch=32, cache_dir=None, 
             feats.update(zip(chunk, out))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, ids=np.asarray(keys), feats=np.stack([feats[k] for k in keys]))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:  # the temporary keeps .npz, so savez adds nothing
+            np.savez(tmp, ids=np.asarray(keys), feats=np.stack([feats[k] for k in keys]))
     return feats
 
 
@@ -291,9 +292,7 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 

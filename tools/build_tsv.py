@@ -8,7 +8,7 @@
   python tools/build_tsv.py flickr8k-cn DATA_DIR OUT_DIR --lang zh
 
 Run a sub-command with --help for its input format. The formats and their sources are
-documented in packages/ernievil2/data/converters.py.
+documented in packages/ernievil2/datasets/__init__.py.
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
-from ernievil2.data import converters as cv  # noqa: E402
+from ernievil2 import datasets as cv  # noqa: E402
 from ernievil2.data.tsv import DataError  # noqa: E402
 
 COMMON_HELP = """

@@ -8,7 +8,6 @@ dropped unless --with-classifier (useful for object tags, not for the dual encod
 is written to a temporary name first and moved into place, so a failed run leaves no half file.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages"))
 
 import paddle  # noqa: E402
 
-from ernievil2.models.efficientnet import build_efficientnet, load_lite0_npz  # noqa: E402
+from ernievil2.fileio import atomic_path  # noqa: E402
+from ernievil2.models.efficientnet import build_efficientnet  # noqa: E402
+from ernievil2.models.lite0_port import load_lite0_npz  # noqa: E402
 
 PREFIX = "visual."
 
@@ -30,13 +31,8 @@ def convert(npz_path, out_path, with_classifier=False):
     load_lite0_npz(model, npz_path)
     state = {PREFIX + k: v for k, v in model.state_dict().items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        paddle.save(state, str(tmp))
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out_path) as tmp:
+        paddle.save(state, tmp)
     return len(state)
 
 

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ernievil2.data.tsv import DataError, count_lines, iter_records, record_image_bytes  # noqa: E402
+from ernievil2.fileio import atomic_write  # noqa: E402
 from ernievil2.tags import ObjectTagger, classifier_transform, format_tags  # noqa: E402
 from ernievil2.transforms import decode_image  # noqa: E402
 
@@ -89,23 +90,17 @@ def write_tagged(in_path, out_path, tags):
     """Copy in_path to out_path with column 4 = the tags of each line's image (atomic)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for record in iter_records(in_path):
-                digest = "" if record.image_id else hashlib.sha1(
-                    record.image_b64.encode("ascii", "replace")).hexdigest()
-                fields = [record.text, record.image_id, record.image_b64,
-                          tags[_image_key(record, digest)]]
-                if record.label is not None:
-                    fields.append(record.label)
-                f.write("\t".join(fields) + "\n")
-                n += 1
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(out_path, "w", encoding="utf-8", newline="\n") as f:
+        for record in iter_records(in_path):
+            digest = "" if record.image_id else hashlib.sha1(
+                record.image_b64.encode("ascii", "replace")).hexdigest()
+            fields = [record.text, record.image_id, record.image_b64,
+                      tags[_image_key(record, digest)]]
+            if record.label is not None:
+                fields.append(record.label)
+            f.write("\t".join(fields) + "\n")
+            n += 1
     return n
 
 

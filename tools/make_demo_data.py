@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages"))
 
+from ernievil2.fileio import atomic_write  # noqa: E402
 from ernievil2.tokenizer import build_vocab, write_vocab  # noqa: E402
 
 # colour name (zh, en) -> RGB
@@ -77,11 +78,9 @@ def make_split(rng, n, start_id):
 
 
 def write_tsv(path, rows, with_tags):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         for text, image_id, b64, tags in rows:
             f.write("\t".join([text, image_id, b64] + ([tags] if with_tags else [])) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):

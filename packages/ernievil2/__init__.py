@@ -26,7 +26,7 @@ _EXPORTS = {
     "decode_image": "transforms",
     "load_checkpoint": "checkpoint",
     "ErnieTokenizer": "tokenizer",
-    "read_embeddings": "metrics.embeddings_io",
+    "read_embeddings": "embeddings",
     "shipped_run_configs": "resources",
     "shipped_text_configs": "resources",
     "ConfigError": "config",

@@ -198,7 +198,8 @@ class ObjectTagger:
     @classmethod
     def lite0(cls, npz_path, classes_path, lang: str = "zh", topk: int = 3, batch_size: int = 32):
         """The ImageNet EfficientNet-Lite0 from a lukemelas-style npz."""
-        from .models.efficientnet import build_efficientnet, load_lite0_npz
+        from .models.efficientnet import build_efficientnet
+        from .models.lite0_port import load_lite0_npz
 
         model = build_efficientnet("lite0", with_classifier=True)
         load_lite0_npz(model, npz_path)

@@ -20,6 +20,12 @@ Differences from the official reader, on purpose:
 
 Line numbers are 1-based and count every physical line (``\\n``-terminated), bad ones included,
 so they match what an editor or ``sed -n Np`` shows.
+
+Every reader of line-based files follows the same rules (UTF-8 BOM dropped, ``\\n`` or ``\\r\\n``,
+blank lines at the end ignored, a blank line before more data is an error): ``iter_records``
+(records, sharded), ``index_lines`` / ``read_line_at`` (byte offsets: the trainer's index, the MUGE
+image index), ``read_column``, ``image_ids_from_tsv`` (the evaluator's lookup) and
+``read_id_list`` (the project's one id-list reader).
 """
 
 from __future__ import annotations
@@ -48,13 +54,15 @@ class Record:
 
 
 class DataError(ValueError):
-    """A problem with one line of a data file; str() is ``FILE:LINE: what is wrong``."""
+    """A problem with one line of a data file; str() is ``FILE:LINE: what is wrong`` (``FILE:
+    what is wrong`` for a whole-file problem, line_no None)."""
 
-    def __init__(self, path: str | os.PathLike, line_no: int, problem: str):
+    def __init__(self, path: str | os.PathLike, line_no: int | None, problem: str):
         self.path = os.fspath(path)
         self.line_no = line_no
         self.problem = problem
-        super().__init__(f"{self.path}:{line_no}: {problem}")
+        where = self.path if line_no is None else f"{self.path}:{line_no}"
+        super().__init__(f"{where}: {problem}")
 
     def __reduce__(self):  # keep it picklable (custom __init__ signature)
         return (type(self), (self.path, self.line_no, self.problem))
@@ -139,16 +147,23 @@ def record_image_bytes(path: str | os.PathLike, record: Record) -> bytes:
 # line level
 
 
-def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its terminator); BOM removed from line 1."""
+def physical_lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """(1-based line number, byte offset, raw line without its terminator) of every line; the
+    BOM is removed from line 1 (and its offset moved past it)."""
+    pos = 0
     for line_no, raw in enumerate(f, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
+        start, pos = pos, pos + len(raw)
         if line_no == 1 and raw.startswith(UTF8_BOM):
-            raw = raw[len(UTF8_BOM):]
-        yield line_no, raw
+            raw, start = raw[len(UTF8_BOM):], start + len(UTF8_BOM)
+        yield line_no, start, _strip_terminator(raw)
+
+
+def _strip_terminator(raw: bytes) -> bytes:
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw
 
 
 def _is_blank(raw: bytes) -> bool:
@@ -226,7 +241,7 @@ def iter_records(
 
     pending_blank: list[int] = []  # blank lines not yet known to be in the middle of the file
     with open(path, "rb") as f:
-        for line_no, raw in _physical_lines(f):
+        for line_no, _, raw in physical_lines(f):
             if _is_blank(raw):
                 pending_blank.append(line_no)
                 continue
@@ -248,36 +263,35 @@ def iter_records(
 # fast whole-file helpers
 
 
+def content_end(f: BinaryIO, size: int) -> int:
+    """Byte offset just past the last non-whitespace byte of an open binary file (0 if none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _CHUNK)
+        f.seek(start)
+        stripped = f.read(end - start).rstrip()
+        if stripped:
+            return start + len(stripped)
+        end = start
+    return 0
+
+
 def count_lines(path: str | os.PathLike) -> int:
     """Number of the last non-blank line (0 for an empty file): the physical lines the readers
     number, minus blank lines at the end (which they ignore). Counts newlines in 1 MiB binary
     chunks; never decodes."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    newlines = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        end = content_end(f, os.path.getsize(path))
+        f.seek(0)
+        if end == 0 or (end == len(UTF8_BOM) and f.read(end) == UTF8_BOM):
+            return 0
+        f.seek(0)
+        newlines, pos = 0, 0
+        while pos < end:
+            chunk = f.read(min(_CHUNK, end - pos))
             newlines += chunk.count(b"\n")
-        # Walk back from the end over trailing whitespace to find the last non-blank byte.
-        end = size
-        newlines_after = 0
-        while end > 0:
-            start = max(0, end - _CHUNK)
-            f.seek(start)
-            chunk = f.read(end - start)
-            stripped = chunk.rstrip()
-            newlines_after += chunk.count(b"\n", len(stripped))
-            if stripped:
-                if start + len(stripped) == len(UTF8_BOM):  # only a BOM before the blanks?
-                    f.seek(0)
-                    if f.read(len(UTF8_BOM)) == UTF8_BOM:
-                        return 0
-                break
-            end = start
-        else:
-            return 0  # only whitespace
-    return newlines - newlines_after + 1
+            pos += len(chunk)
+    return newlines + 1
 
 
 def lines_for_rank(n_lines: int, rank: int, world_size: int) -> int:
@@ -286,29 +300,95 @@ def lines_for_rank(n_lines: int, rank: int, world_size: int) -> int:
     return 0 if n_lines <= rank else (n_lines - 1 - rank) // world_size + 1
 
 
-def read_column(path: str | os.PathLike, col: int) -> Iterator[str]:
-    """Stream one column (0-based; 1 = image ids) of every data line, in file order, stripped.
+def index_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw line) of every data line, in one streamed pass.
 
-    Decodes only that field (not the large base64 one). Trailing blank lines are ignored; a
-    blank line in the middle, a line with too few columns or invalid UTF-8 in the field raises
-    DataError, so the values stay aligned with the data lines.
+    The one place of the readers' line rules: UTF-8 BOM removed, ``\\n`` or ``\\r\\n`` terminators,
+    blank lines at the end ignored, a blank line followed by data is a DataError. ``offset`` is
+    where ``raw`` starts, for ``read_line_at``; nothing is decoded here.
     """
+    blank_no = 0
+    with open(path, "rb") as f:
+        for line_no, offset, raw in physical_lines(f):
+            if _is_blank(raw):
+                blank_no = blank_no or line_no
+                continue
+            if blank_no:
+                raise DataError(path, blank_no, "empty line in the middle of the file")
+            yield line_no, offset, raw
+
+
+def read_line_at(f: BinaryIO, offset: int) -> bytes:
+    """The raw line (terminator removed) at a byte offset from ``index_lines``."""
+    f.seek(offset)
+    return _strip_terminator(f.readline())
+
+
+def decode_field(path, line_no: int, raw: bytes, col: int) -> str:
+    """Column ``col`` (0-based) of a raw line, decoded and stripped; DataError if it is missing
+    or not UTF-8. Only that field is decoded (not the large base64 one)."""
+    fields = raw.split(b"\t", col + 1)
+    if len(fields) <= col:
+        raise DataError(path, line_no, f"no column {col + 1}: found {len(fields)} columns")
+    try:
+        return fields[col].decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(path, line_no, f"invalid UTF-8 in column {col + 1} at byte {e.start}") from None
+
+
+def read_column(path: str | os.PathLike, col: int) -> Iterator[str]:
+    """Stream one column (0-based; 1 = image ids) of every data line, in file order, stripped
+    (line rules of ``index_lines``)."""
     if col < 0:
         raise ValueError(f"col must be >= 0, got {col}")
-    pending_blank: list[int] = []
-    with open(path, "rb") as f:
-        for line_no, raw in _physical_lines(f):
-            if _is_blank(raw):
-                pending_blank.append(line_no)
-                continue
-            if pending_blank:
-                raise DataError(path, pending_blank[0], "empty line in the middle of the file")
-            fields = raw.split(b"\t", col + 1)
-            if len(fields) <= col:
-                raise DataError(path, line_no, f"no column {col + 1}: found {len(fields)} columns")
-            try:
-                yield fields[col].decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    path, line_no, f"invalid UTF-8 in column {col + 1} at byte {e.start}"
-                ) from None
+    for line_no, _, raw in index_lines(path):
+        yield decode_field(path, line_no, raw, col)
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """The project's one id-list reader: one id a line, in file order, stripped (UTF-8, optional
+    BOM; line rules of ``index_lines``). Raises DataError (FILE:LINE) for invalid UTF-8 and for
+    an empty list."""
+    ids = []
+    for line_no, _, raw in index_lines(path):
+        try:
+            ids.append(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as e:
+            raise DataError(path, line_no, f"invalid UTF-8 at byte {e.start} of the line") from None
+    if not ids:
+        raise DataError(path, None, "no ids (the file is empty)")
+    return ids
+
+
+def image_ids_from_tsv(tsv_path, line_numbers, num_lines: int) -> list[str]:
+    """Image id (TSV column 2) of each embedding line.
+
+    ``line_numbers`` are the 1-based TSV line numbers from column 3 of the embeddings file; None
+    (the official constant 1s) means embedding line i is data line i, so the counts must agree.
+    The TSV is streamed and only column 2 is decoded (the base64 images are never parsed).
+    """
+    if line_numbers is not None:
+        line_numbers = [int(n) for n in line_numbers]
+        if line_numbers and min(line_numbers) < 1:
+            raise DataError(tsv_path, min(line_numbers), "is not a line of the file: the "
+                            "embeddings file's column 3 must hold 1-based line numbers")
+    wanted = max(line_numbers, default=0) if line_numbers is not None else None
+    ids: dict[int, str] = {}  # line number -> image id
+    for line_no, _, raw in index_lines(tsv_path):
+        if wanted is not None and line_no > wanted:
+            break
+        if b"\t" not in raw:
+            raise DataError(tsv_path, line_no, "expected at least 2 tab-separated columns "
+                            "(text, image_id, ...), found 1")
+        ids[line_no] = decode_field(tsv_path, line_no, raw, 1)
+    if line_numbers is None:
+        if len(ids) != num_lines:
+            raise DataError(tsv_path, None, f"has {len(ids)} lines but the embeddings file "
+                            f"has {num_lines}; with the official constant 1 in column 3, line i "
+                            f"must be TSV line i")
+        return list(ids.values())
+    missing = [n for n in line_numbers if n not in ids]
+    if missing:
+        raise DataError(tsv_path, missing[0], "is not a data line of the file, but the "
+                        "embeddings file refers to it")
+    return [ids[n] for n in line_numbers]

@@ -16,7 +16,7 @@ from ..export import predictor_towers
 from ..factory import (create_model_and_transforms, create_tokenizer, create_transforms,
                        image_preprocess_spec, text_encoder)
 from ..logging_utils import setup_logging
-from ..metrics.embeddings_io import write_embeddings
+from ..embeddings import write_embeddings
 from ..transforms import decode_image
 from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remove_leftovers,
                      write_part)

@@ -18,31 +18,22 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from ..data.tsv import DataError, decode_b64
+from ..data.tsv import DataError, decode_b64, index_lines, read_line_at
 from ..transforms import decode_image
 
 log = logging.getLogger("ernievil2.train")
 
 
 class TrainIndex:
-    """Byte offsets, image ids and labels of every line of a training TSV (one pass, streamed)."""
+    """Byte offsets, image ids and labels of every line of a training TSV (one streamed pass of
+    data/tsv.py index_lines, so its BOM, CRLF and blank-line rules)."""
 
     def __init__(self, path, need_tags=False, need_labels=False):
         self.path = path
-        offsets, line_numbers, image_ids, labels, blank = [], [], [], [], []
-        with open(path, "rb") as f, tqdm(desc=f"indexing {path}", unit="lines", leave=False) as bar:
-            pos, line_no = 0, 0
-            for raw in f:
-                line_no += 1
-                start, pos = pos, pos + len(raw)
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    start += 3
-                    raw = raw[3:]
-                stripped = raw.rstrip(b"\r\n")
-                if not stripped:
-                    blank.append(line_no)  # checked below: only trailing empty lines are allowed
-                    continue
-                fields = stripped.split(b"\t", 5)
+        offsets, line_numbers, image_ids, labels = [], [], [], []
+        with tqdm(desc=f"indexing {path}", unit="lines", leave=False) as bar:
+            for line_no, offset, raw in index_lines(path):
+                fields = raw.split(b"\t", 5)
                 if not 3 <= len(fields) <= 5:
                     raise DataError(path, line_no, f"expected 3 to 5 tab-separated columns, got {len(fields)}")
                 if need_tags and (len(fields) < 4 or not fields[3].strip()):
@@ -50,16 +41,13 @@ class TrainIndex:
                                     "(precompute them with tools/extract_tags.py)")
                 if need_labels and len(fields) < 5:
                     raise DataError(path, line_no, "unicl_key: label needs a label in column 5")
-                offsets.append(start)
+                offsets.append(offset)
                 line_numbers.append(line_no)
                 image_ids.append(fields[1].decode("utf-8", "replace").strip())
                 labels.append(fields[4].decode("utf-8", "replace").strip() if len(fields) == 5 else "")
                 bar.update()
-        inner_blank = [n for n in blank if line_numbers and n < line_numbers[-1]]
-        if inner_blank:
-            raise DataError(path, inner_blank[0], "empty line")
         if not offsets:
-            raise DataError(path, 1, "no training lines")
+            raise DataError(path, None, "no training lines")
         self.offsets = np.asarray(offsets, np.int64)
         self.line_numbers = np.asarray(line_numbers, np.int64)  # 1-based, as editors count
         self.image_ids = image_ids
@@ -77,8 +65,7 @@ class TrainIndex:
 
     def read(self, f, row):
         """(line_no, fields) of one row, through an open binary file handle."""
-        f.seek(self.offsets[row])
-        raw = f.readline().rstrip(b"\r\n")
+        raw = read_line_at(f, int(self.offsets[row]))
         line_no = int(self.line_numbers[row])
         try:
             text = raw.decode("utf-8")
