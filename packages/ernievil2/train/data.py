@@ -27,7 +27,7 @@ log = logging.getLogger("ernievil2.train")
 class TrainIndex:
     """Byte offsets, image ids and labels of every line of a training TSV (one pass, streamed)."""
 
-    def __init__(self, path, need_tags=False, need_labels=False):
+    def __init__(self, path, need_tags=False, need_labels=False, kind="training"):
         self.path = path
         offsets, line_numbers, image_ids, labels, blank = [], [], [], [], []
         with open(path, "rb") as f, tqdm(desc=f"indexing {path}", unit="lines", leave=False) as bar:
@@ -59,7 +59,7 @@ class TrainIndex:
         if inner_blank:
             raise DataError(path, inner_blank[0], "empty line")
         if not offsets:
-            raise DataError(path, 1, "no training lines")
+            raise DataError(path, 1, f"no {kind} lines (the file is empty)")
         self.offsets = np.asarray(offsets, np.int64)
         self.line_numbers = np.asarray(line_numbers, np.int64)  # 1-based, as editors count
         self.image_ids = image_ids
