@@ -231,16 +231,17 @@ def check_config(cfg, world):
                           "features change every step, so they cannot be cached)")
 
 
-def run_entries(cfg):
-    """What output_dir holds besides the logs this run is about to write (train.log, and the
-    launcher's folder when log_dir is output_dir): a previous run's files."""
+def run_entries(cfg, with_logs=False):
+    """What output_dir holds besides the launcher's folder of this run (when log_dir is
+    output_dir) and, unless with_logs, the train.log files: a previous run's files."""
     if not os.path.isdir(cfg.output_dir):
         return []
     launcher = os.path.abspath(os.environ.get("LAUNCH_LOG_DIR") or os.path.join(cfg.log_dir, "launch"))
     same_logs = os.path.abspath(cfg.log_dir or cfg.output_dir) == os.path.abspath(cfg.output_dir)
     return sorted(name for name in os.listdir(cfg.output_dir)
                   if os.path.abspath(os.path.join(cfg.output_dir, name)) != launcher
-                  and not (same_logs and name.startswith("train.") and name.endswith(".log")))
+                  and (with_logs or not (same_logs and name.startswith("train.")
+                                         and name.endswith(".log"))))
 
 
 def prepare_output_dir(cfg, rank):
@@ -255,6 +256,7 @@ def prepare_output_dir(cfg, rank):
                           f"output_dir")
     barrier()  # every process looked before rank 0 deletes anything
     if cfg.overwrite and rank == 0:
+        used = run_entries(cfg, with_logs=True)  # train.log is not open yet
         for name in used:
             path = os.path.join(cfg.output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
