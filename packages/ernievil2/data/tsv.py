@@ -90,6 +90,10 @@ class SkipReport:
     def reasons(self) -> dict[int, str]:
         return dict(sorted(self.entries))
 
+    def details(self) -> list[str]:
+        """Every skipped line as ``FILE:LINE: problem``, in line order."""
+        return [f"{self.path}:{n}: {problem}" for n, problem in sorted(self.entries)]
+
     def __bool__(self) -> bool:  # "if report:" means "something was skipped"
         return bool(self.entries)
 

@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 
 from ..config import ConfigError
-from ..data.tsv import count_lines
+from ..data.tsv import SkipReport, count_lines
 from ..fileio import TMP_MARK, atomic_path
 
 log = logging.getLogger("ernievil2.infer")
@@ -92,7 +92,8 @@ def write_part(output_file, run_id, rank, embeddings):
     with atomic_path(part_path(output_file, run_id, rank)) as tmp:
         np.savez(tmp, text=embeddings.text, image=embeddings.image,
                  line_numbers=embeddings.line_numbers,
-                 skipped=np.asarray(embeddings.skip_report.line_numbers, np.int64))
+                 skipped=np.asarray([n for n, _ in embeddings.skip_report.entries], np.int64),
+                 problems=np.asarray([p for _, p in embeddings.skip_report.entries], np.str_))
 
 
 def _few(numbers, n=10):
@@ -101,14 +102,16 @@ def _few(numbers, n=10):
 
 def merge_parts(output_file, run_id, world, test_file):
     """Rank 0: every rank's part of this run, checked to hold exactly the lines of `test_file`
-    that were not skipped, as (text, image, line_numbers) in line order and the skipped lines.
-    The parts are removed."""
+    that were not skipped, as (text, image, line_numbers) in line order and a SkipReport of the
+    skipped lines (all ranks). The parts are removed."""
     paths = [part_path(output_file, run_id, r) for r in range(world)]
     texts, images, lines, skipped = [], [], [], []
+    report = SkipReport(os.fspath(test_file))
     for path in paths:
         with np.load(path) as part:
             texts.append(part["text"]), images.append(part["image"])
             lines.append(part["line_numbers"]), skipped.append(part["skipped"])
+            report.entries += zip(part["skipped"].tolist(), part["problems"].tolist())
     lines, skipped = np.concatenate(lines), np.sort(np.concatenate(skipped))
     order = np.argsort(lines, kind="stable")
     expected = np.setdiff1d(np.arange(1, count_lines(test_file) + 1), skipped)
@@ -125,4 +128,4 @@ def merge_parts(output_file, run_id, world, test_file):
             + " (did the file change during the run?)")
     for path in paths:
         os.remove(path)
-    return np.concatenate(texts)[order], np.concatenate(images)[order], lines[order], skipped.tolist()
+    return np.concatenate(texts)[order], np.concatenate(images)[order], lines[order], report

@@ -38,6 +38,7 @@ from ..losses import ContrastivePair, MultiViewContrastiveLoss
 from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, temperature_name
 from ..models.params import count_parameters
 from ..precision import autocast
+from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
 from .ema import ModelEMA
@@ -376,6 +377,7 @@ def train_loop(run, data):
 def train(cfg):
     """Train as `cfg` (a loaded training config) says; rank 0 writes output_dir."""
     rank, world = init_distributed()
+    set_max_image_pixels(cfg.max_image_pixels)
     check_config(cfg, world)
     os.makedirs(cfg.output_dir, exist_ok=True)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
