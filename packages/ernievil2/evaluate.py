@@ -108,15 +108,15 @@ def main(argv=None) -> int:
         tied = tie_warning(both)
         if tied:
             print(f"{PROG}: warning: {tied}", file=sys.stderr)
+        rows, worst = both["optimistic"], both["pessimistic"]
+        print(format_table(rows))
+        if args.json:  # a full disk leaves no file and one error line naming it
+            write_text(args.json, json.dumps({**info, "recall": rows,
+                                              "table_percent": percent_table(rows),
+                                              "pessimistic": {"recall": worst,
+                                                              "table_percent": percent_table(worst)}},
+                                             indent=2, ensure_ascii=False) + "\n")
     except (OSError, ValueError) as e:  # DataError and EmbeddingFormatError are ValueErrors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    rows, worst = both["optimistic"], both["pessimistic"]
-    print(format_table(rows))
-    if args.json:
-        write_text(args.json, json.dumps({**info, "recall": rows,
-                                          "table_percent": percent_table(rows),
-                                          "pessimistic": {"recall": worst,
-                                                          "table_percent": percent_table(worst)}},
-                                         indent=2, ensure_ascii=False) + "\n")
     return 0

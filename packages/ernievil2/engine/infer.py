@@ -5,6 +5,7 @@ writes a part file; rank 0 merges the parts in line order into the official thre
 One run at a time per output file (see output.py); every file appears under its final name
 complete (fileio), or not at all.
 """
+import contextlib
 import os
 import time
 
@@ -98,6 +99,11 @@ def run(cfg):
             if log_path:
                 logger.info("log: %s", log_path)
         barrier()
+    except BaseException:
+        if lock is not None:  # no part of this failed run left behind (a full disk, a bad line)
+            with contextlib.suppress(OSError):
+                remove_leftovers(cfg.output_file)
+        raise
     finally:
         if lock is not None:
             lock.release()

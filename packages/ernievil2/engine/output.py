@@ -50,9 +50,13 @@ class OutputLock:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: no lock file left behind, an error naming it
+            self.release()
+            raise OSError(e.errno, e.strerror, self.path) from e
 
     def release(self):
         if self.fd is not None:
@@ -71,8 +75,8 @@ def part_path(output_file, run_id, rank):
 
 
 def remove_leftovers(output_file):
-    """Parts and temporaries of OUTPUT (and its sidecar) left by a killed run; call only while
-    holding the lock, when no other run can be writing them."""
+    """Parts and temporaries of OUTPUT (and its sidecar) left by a killed or failed run; call
+    only while holding the lock, when no other run can be writing them."""
     folder, base = os.path.split(os.path.abspath(output_file))
     b = glob.escape(base)
     patterns = [f"{b}.part-*.npz", f".{b}.part-*{TMP_MARK}*"]
@@ -84,7 +88,7 @@ def remove_leftovers(output_file):
     for path in found:
         os.remove(path)
     if found:
-        log.warning("removed %d file(s) an interrupted run left: %s", len(found),
+        log.warning("removed %d file(s) of an unfinished run: %s", len(found),
                     ", ".join(os.path.basename(p) for p in found))
 
 
