@@ -315,3 +315,16 @@ def test_skip_bad_lines_logs_every_skipped_line_with_its_reason(tmp_path, capsys
     console = capsys.readouterr().err
     assert "skipped 7 bad line(s): lines 2, 4, 5, 6, 8 (+2 more)" in console
     assert "infer.log" in console and f"{cfg['test_file']}:10:" not in console
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "\ufeff\n"])
+def test_an_empty_tsv_is_an_error_not_an_empty_output(tmp_path, content):
+    from ernievil2.cli import user_error_line
+
+    path, cfg = write_cfg(tmp_path)
+    open(cfg["test_file"], "w", encoding="utf-8").write(content)
+    with pytest.raises(DataError) as e:
+        run(load_config(path))
+    assert user_error_line(e.value) == (f"error: {cfg['test_file']}: no data lines (the file is "
+                                        "empty): nothing to embed")
+    assert not os.path.exists(cfg["output_file"])

@@ -79,6 +79,8 @@ def evaluate(args) -> tuple[dict, dict]:
         return both, info
     if args.tsv:
         line_numbers = None if emb.has_official_ids else emb.line_numbers
+        if line_numbers is not None:
+            emb.check_line_numbers(args.out_file)
         ids = image_ids_from_tsv(args.tsv, line_numbers, emb.num_lines)
         info["tsv"] = os.path.abspath(args.tsv)
     else:

@@ -10,6 +10,7 @@ import os
 import time
 
 from ..data.pipeline import BatchLoader
+from ..data.tsv import DataError, count_lines
 from ..device import select_device
 from ..distributed import all_gather_object, barrier, init_distributed
 from ..embed import embed, model_towers
@@ -73,6 +74,8 @@ def run(cfg):
     logger.info("device %s, %d process(es), amp %s, execution %s", place, world, amp, cfg.execution)
     if not os.path.isfile(cfg.test_file):
         raise FileNotFoundError(f"test_file not found: {cfg.test_file}")
+    if count_lines(cfg.test_file) == 0:
+        raise DataError(cfg.test_file, None, "no data lines (the file is empty): nothing to embed")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_file)), exist_ok=True)
     lock, run_id = _claim_output(cfg.output_file, rank)
     try:
