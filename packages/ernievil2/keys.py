@@ -33,6 +33,9 @@ PROJECT_KEYS = {
     "num_workers": Key(2, is_int(0), "an int >= 0", "image decode/preprocess worker threads per process (0 = inline)"),
     "prefetch": Key(4, is_int(1), "a positive int", "batches prepared ahead (bounded queue)"),
     "skip_bad_lines": Key(False, is_bool, "true or false", "skip bad input lines and report them, instead of stopping"),
+    "max_image_pixels": Key(89_478_485, opt_int, "null or a positive int",  # transforms.DEFAULT_MAX_IMAGE_PIXELS
+                            "images with more pixels are bad lines (decompression bombs; read from the file header "
+                            "before decoding); null = no limit of ours (OpenCV's own, 2^30 pixels, still applies)"),
     "amp": Key("none", one_of("none", "fp16", "bf16"), "none, fp16 or bf16", "mixed precision (GPU only; untested on CPU-only CI)"),
     "execution": Key("eager", one_of("eager", "to_static", "inference"), "eager, to_static or inference",
                      "eager; compiled with paddle.jit.to_static; or inference: the exported towers in "

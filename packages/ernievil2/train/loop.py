@@ -50,6 +50,7 @@ from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, temperature_name
 from ..models.ernie import load_ernie_config
 from ..models.params import count_parameters
 from ..precision import autocast
+from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
 from .ema import ModelEMA
@@ -559,6 +560,7 @@ def train(cfg):
     """Train as `cfg` (a loaded training config) says; rank 0 writes output_dir. A signal ends
     the process after its checkpoint (exit status 128 + the signal: 130 for Ctrl-C)."""
     rank, world = init_distributed()
+    set_max_image_pixels(cfg.max_image_pixels)
     check_config(cfg, world)
     deleted = prepare_output_dir(cfg, rank)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
