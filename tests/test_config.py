@@ -28,7 +28,8 @@ def test_the_official_yaml_is_accepted_as_is(tmp_path):
 
 
 SHIPPED = ["demo_tiny", "ernie_vil_base", "ernie_vil_base_efficientnet_b5",
-           "ernie_vil_large_efficientnet_l2", "ernie_vil_large_vit_l14", "flickr8k_cn_lite0"]
+           "ernie_vil_large_efficientnet_l2", "ernie_vil_large_vit_l14", "flickr8k_cn_lite0",
+           "own_photos_lite0"]
 
 
 def test_the_shipped_configs_are_listed_by_resources():

@@ -11,7 +11,7 @@ OFFICIAL_KEYS = {
     "device": Key("gpu", is_str, "gpu or cpu", "gpu (falls back to CPU, with a warning, where there is none); anything else = CPU"),
     "infer_batch_size": Key(10, is_int(1), "a positive int", "lines per batch and process"),
     "max_text_seqlen": Key(48, is_int(3), "an int >= 3", "text length in tokens, [CLS] and [SEP] included"),
-    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path", "vocab: `token\\tid` lines or one token a line"),
+    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path", "vocab: `token\\tid` lines or one token a line; training also takes `auto`: a vocab of the training captions and tags, written to output_dir/vocab.txt (what the final infer.yaml names)"),
     "text_model_config": Key("ernie-3.0-base-zh", is_str, "a path or a shipped name", "ERNIE json config of the text tower: a path, or a shipped name (ernie-3.0-base-zh, ernie-3.0-large-zh, ernie-2.0-base-en, ernie-2.0-large-en, ernie-demo-tiny, ernie-embed-mean)", coerce=text_config_path),
     "test_file": Key("", is_str, "a path", "TSV to embed: text \\t image_id \\t base64 image"),
     "output_file": Key("./test_out/cross_modal_embeddings.out", is_str, "a path", "embeddings output"),
@@ -109,7 +109,7 @@ TRAIN_KEYS = {
                     "second textual view: a masked/dropped copy, or another caption of the same image"),
     "text_mask_prob": num_key(0.15, "share of tokens masked or dropped in the text_aug view"),
     "augment": Key(True, is_bool, "true or false", "train-time image augmentation (else the eval transform)"),
-    "init_image_tower": Key("", is_str, "a path or empty", "an image-tower checkpoint (visual.* names), e.g. converted Lite0"),
+    "init_image_tower": Key("", is_str, "a path, a download name or empty", "an image-tower checkpoint (visual.* names), e.g. efficientnet-lite0-imagenet (the download cache's file)"),
     "grad_checkpointing": Key(False, is_bool, "true or false", "activation recompute in the towers"),
     "save_every": Key(500, is_int(1), "a positive int", "checkpoint every N steps (atomic)"),
     "keep_last": Key(2, is_int(1), "a positive int", "checkpoints kept (plus the best on validation)"),
@@ -117,5 +117,14 @@ TRAIN_KEYS = {
     "val_batch_size": Key(64, is_int(1), "a positive int", "batch for validation embedding"),
     "log_every": Key(10, is_int(1), "a positive int", "console/JSON-lines log every N steps"),
     "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir"),
+    "tag_classes": Key("", is_str, "a path or empty",
+                       "when the tags view needs tags and train_file has none, the trainer tags each image "
+                       "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "
+                       "efficientnet-lite0-imagenet download): their names from this class_index/wnid/"
+                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999)"),
+    "tag_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the tag_classes names"),
+    "embed_file": Key("", is_str, "empty, train or a path",
+                      "after training, embed this TSV with the final model into "
+                      "output_dir/final/embeddings.out (+ .npz); train = train_file; empty = none"),
 }
 

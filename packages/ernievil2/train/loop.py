@@ -44,6 +44,7 @@ from .ema import ModelEMA
 from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, get_rng_states, gradcache_step, set_rng_states
 from .optim import build_optimizer, freeze, lr_at
+from .prepare import embed_after_training, prepare
 from .validate import validate
 
 log = logging.getLogger("ernievil2.train")
@@ -379,6 +380,7 @@ def train(cfg):
     check_config(cfg, world)
     os.makedirs(cfg.output_dir, exist_ok=True)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
+    cfg = prepare(cfg, rank, world)  # computed tags, vocab_file auto, batch_size cap
     _, amp = select_device(cfg.device, cfg.amp)
     model = build_model(cfg)
     data = build_data(cfg, model, rank, world)
@@ -395,3 +397,4 @@ def train(cfg):
     write_final(run)
     data.batcher.close()
     barrier()
+    embed_after_training(cfg)
