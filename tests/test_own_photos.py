@@ -1,8 +1,7 @@
 """Own photos in two commands (README, "Train on your own data"): an image folder + a captions
 file -> tools/build_tsv.py folder -> run_train.sh own_photos_lite0, which builds the vocab
-(vocab_file: auto), computes the object tags the tags view needs, lowers batch_size to the
-number of lines, trains from the Lite0 tower in the download cache and embeds the training file
-with the final model. The pieces (train/prepare.py, corpus_vocab.py, tools/build_vocab.py) are
+(vocab_file: auto), computes the object tags the tags view needs, trains from the Lite0 tower in
+the download cache and embeds the training file with the final model. The pieces (train/prepare.py, corpus_vocab.py, tools/build_vocab.py) are
 also tested alone."""
 import base64
 import importlib.util
@@ -31,6 +30,7 @@ from ernievil2.train import prepare as prep
 from ernievil2.transforms import decode_image
 
 N_IMAGES = 40
+N_LINES = 2 * N_IMAGES
 LITE0 = "efficientnet-lite0-imagenet"
 
 
@@ -42,7 +42,8 @@ def _demo_module():
 
 
 def write_photo_folder(folder, n):
-    """n drawn photos (JPEG files) and captions.tsv `image_file<TAB>caption` (Chinese)."""
+    """n drawn photos (JPEG files) and captions.tsv `image_file<TAB>caption`, a Chinese and an
+    English caption each."""
     demo = _demo_module()
     rng = np.random.default_rng(0)
     colours, lines = list(demo.COLOURS), ["image_file\tcaption"]
@@ -54,7 +55,7 @@ def write_photo_folder(folder, n):
         img = demo.draw(rng, demo.COLOURS[colour], shape[1], place[1], count[2], size=112)
         name = f"p{k:02d}.jpg"
         assert cv2.imwrite(str(folder / "photos" / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        lines.append(f"{name}\t{demo.caption('zh', colour, shape, place, count)}")
+        lines += [f"{name}\t{demo.caption(lang, colour, shape, place, count)}" for lang in ("zh", "en")]
     (folder / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -90,12 +91,12 @@ def test_own_photos_in_two_commands(tmp_path, user_env):
              "max_steps=4", "image_feature_cache=2", "log_every=2"], tmp_path, user_env)
     assert r.returncode == 0, r.stdout + r.stderr
     out = tmp_path / "own_out"
-    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "vocab_file auto" in (out / "train.log").read_text(encoding="utf-8")
 
     # tags: each image's top-3 classes by the downloaded classifier, computed here independently
     tagged = [line.split("\t") for line in (out / "train_tags.tsv").read_text(encoding="utf-8").splitlines()]
     source = [line.split("\t") for line in (tmp_path / "own" / "train.tsv").read_text(encoding="utf-8").splitlines()]
-    assert len(tagged) == len(source) == N_IMAGES and all(len(row) == 4 for row in tagged)
+    assert len(tagged) == len(source) == N_LINES and all(len(row) == 4 for row in tagged)
     assert [row[:3] for row in tagged] == source
     model = classifier_from_checkpoint(classifier)
     names = [f"c{i}" for i in range(1000)]
@@ -107,13 +108,11 @@ def test_own_photos_in_two_commands(tmp_path, user_env):
 
     # vocab_file auto: every caption character and every tag word, and final/infer.yaml names it
     vocab = load_vocab(out / "vocab.txt")
-    assert all(ch in vocab for row in source for ch in row[0])
+    assert all(ch in vocab for row in source for ch in row[0] if "\u4e00" <= ch <= "\u9fff")
+    assert all(word in vocab for row in source for word in row[0].split() if word.isascii())
     assert all(tag in vocab for row in tagged for tag in row[3].split())
     infer = yaml.safe_load((out / "final" / "infer.yaml").read_text(encoding="utf-8"))
     assert infer["vocab_file"] == str(out / "vocab.txt")
-
-    # batch_size 64 > 40 lines: lowered with a message (a larger batch would have failed)
-    assert f"batch_size 64 is more than the {N_IMAGES} lines" in log
 
     # the embeddings of the training file equal what run_infer.sh gives with the final config
     emb = read_embeddings(str(out / "final" / "embeddings.out"))
@@ -122,7 +121,7 @@ def test_own_photos_in_two_commands(tmp_path, user_env):
              "test_file=own/train.tsv", "output_file=again.out"], tmp_path, user_env)
     assert r.returncode == 0, r.stdout + r.stderr
     again = read_embeddings(str(tmp_path / "again.out"))
-    assert emb.text.shape == (N_IMAGES, 256) and emb.image.shape == (N_IMAGES, 256)
+    assert emb.text.shape == (N_LINES, 256) and emb.image.shape == (N_LINES, 256)
     np.testing.assert_allclose(emb.text, again.text, atol=1e-5)
     np.testing.assert_allclose(emb.image, again.image, atol=1e-5)
 
@@ -152,20 +151,19 @@ def test_the_tags_view_without_tags_or_a_classifier_names_the_download(tmp_path,
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
     with pytest.raises(ConfigError, match=f"t.tsv: the tags view needs object tags .* run "
                                           f"`ernievil2-download {LITE0}`"):
-        prep.prepare(cfg, 0, 1)
-    # an image tower that names a download not there says how to fetch it
-    cfg = _train_cfg(tmp_path, train_file=train, init_image_tower=LITE0)
+        prep.prepare(cfg, 0)
+    # an image tower that names a download not there says how to fetch it, when the config is read
     with pytest.raises(FileNotFoundError, match=f"run `ernievil2-download {LITE0}`"):
-        prep.prepare(cfg, 0, 1)
+        _train_cfg(tmp_path, train_file=train, init_image_tower=LITE0)
 
 
 def test_tags_present_are_kept_and_feed_the_auto_vocab(tmp_path, monkeypatch):
     monkeypatch.setenv("ERNIEVIL2_HOME", str(tmp_path / "empty_home"))  # no classifier needed
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1, "tabby cat"), ("a dog", "b", 2, "beagle")])
-    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto", batch_size=2,
+    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto",
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
-    out = prep.prepare(cfg, 0, 1)
-    assert out.train_file == train and out.batch_size == 2
+    out = prep.prepare(cfg, 0)
+    assert out.train_file == train
     assert out.vocab_file == str(tmp_path / "out" / "vocab.txt")
     vocab = load_vocab(out.vocab_file)
     assert list(vocab) == build_vocab(["一只猫", "a dog", "tabby cat", "beagle"])
@@ -181,39 +179,28 @@ def test_tags_are_computed_once_and_reused(tmp_path, monkeypatch):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1), ("另一只猫", "a", 1), ("a dog", "b", 2)])
     cfg = _train_cfg(tmp_path, train_file=train, tag_classes=str(classes), tag_lang="en",
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
-    out = prep.prepare(cfg, 0, 1)
+    out = prep.prepare(cfg, 0)
     assert out.train_file == str(tmp_path / "out" / "train_tags.tsv")
     tags = list(read_column(out.train_file, 3))
     assert tags[0] == tags[1] and all(t.startswith("thing ") and len(t.split()) == 6 for t in tags)
     calls = []
     monkeypatch.setattr("ernievil2.tagging.extract_tags", lambda *a, **k: calls.append(a) or (0, 0))
-    prep.prepare(cfg, 0, 1)
+    prep.prepare(cfg, 0)
     assert calls == []  # same source, classifier and names: the tagged copy is reused
     prep.prepare(_train_cfg(tmp_path, train_file=train, tag_classes=str(classes), tag_lang="zh",
-                            views=[["image", "text", 1.0], ["image", "tags", 0.5]]), 0, 1)
+                            views=[["image", "text", 1.0], ["image", "tags", 0.5]]), 0)
     assert len(calls) == 1  # other names: computed again
-
-
-def test_batch_size_is_capped_at_the_lines_for_every_process(tmp_path, caplog):
-    train = _tsv(tmp_path / "t.tsv", [(f"c{i}", f"i{i}", i) for i in range(5)])
-    assert prep.capped_batch_size(train, 4, 1) == 4
-    with caplog.at_level("INFO", logger="ernievil2.train"):
-        assert prep.capped_batch_size(train, 64, 1) == 5
-        assert prep.capped_batch_size(train, 64, 2) == 4
-    assert "batch_size 64 is more than the 5 lines" in caplog.text
-    with pytest.raises(ConfigError, match="5 training lines for 8 processes"):
-        prep.capped_batch_size(train, 64, 8)
 
 
 def test_a_resumed_run_must_find_the_same_auto_vocab(tmp_path, monkeypatch):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1), ("a dog", "b", 2)])
-    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto", batch_size=2)
-    prep.prepare(cfg, 0, 1)
-    monkeypatch.setattr(prep, "resolve_resume", lambda resume, root: str(tmp_path / "ckpt"))
-    prep.prepare(cfg, 0, 1)  # the same captions: the same vocab
+    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto")
+    prep.prepare(cfg, 0)
+    cfg["resume"] = "auto"
+    prep.prepare(cfg, 0)  # the same captions: the same vocab
     _tsv(tmp_path / "t.tsv", [("一只狗", "a", 1), ("a dog", "b", 2)])
     with pytest.raises(ConfigError, match="give another vocab than .*vocab.txt, which the checkpoint"):
-        prep.prepare(cfg, 0, 1)
+        prep.prepare(cfg, 0)
 
 
 def test_fitted_vocab_leaves_out_rare_words_but_every_character():

@@ -380,7 +380,7 @@ def train(cfg):
     check_config(cfg, world)
     os.makedirs(cfg.output_dir, exist_ok=True)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
-    cfg = prepare(cfg, rank, world)  # computed tags, vocab_file auto, batch_size cap
+    cfg = prepare(cfg, rank)  # computed object tags, vocab_file auto, embed_file
     _, amp = select_device(cfg.device, cfg.amp)
     model = build_model(cfg)
     data = build_data(cfg, model, rank, world)

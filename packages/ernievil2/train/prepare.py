@@ -9,9 +9,7 @@ Before training (`prepare`, every process; rank 0 writes, the others wait at a b
   into a tagged copy output_dir/train_tags.tsv; a stamp beside it (the source file's size and
   time, the classifier, the class names) decides whether a later run may reuse it;
 - `vocab_file: auto`: the vocab of the training captions and tags (corpus_vocab.py), fitted to
-  the text tower's vocab_size, in output_dir/vocab.txt; a resumed run must find the same one;
-- batch_size above the number of training lines: lowered to it (a multiple of the process
-  count), with a message, so a small folder trains without editing the config.
+  the text tower's vocab_size, in output_dir/vocab.txt; a resumed run must find the same one.
 After training (`embed_after_training`): embed_file embedded by the inference engine with the
 final model (output_dir/final/infer.yaml) into output_dir/final/embeddings.out.
 """
@@ -21,13 +19,12 @@ import os
 
 from ..config import Config, ConfigError
 from ..corpus_vocab import tsv_vocab
-from ..data.tsv import count_lines, iter_records
+from ..data.tsv import iter_records
 from ..distributed import barrier
 from ..fileio import write_text
 from ..models.ernie import load_ernie_config
-from ..pretrained import REGISTRY, cache_path, fetch_command, image_tower_path
+from ..pretrained import REGISTRY, cache_path, fetch_command
 from ..tokenizer import VocabError, load_vocab, write_vocab
-from .checkpointing import resolve_resume
 
 log = logging.getLogger("ernievil2.train")
 
@@ -37,27 +34,27 @@ TAG_TOPK = 3  # the Flickr8k recipe's tags per image
 EMBED_TRAIN_FILE = "train"  # embed_file value meaning train_file
 
 
-def prepare(cfg, rank, world):
-    """cfg with init_image_tower / train_file / vocab_file / embed_file / batch_size as the
-    trainer should use them."""
+def prepare(cfg, rank):
+    """cfg with train_file / vocab_file / embed_file as the trainer should use them."""
     if not os.path.isfile(cfg.train_file):
         raise FileNotFoundError(f"train_file not found: {cfg.train_file or '(empty)'}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     out = Config(cfg)
-    # a download name (efficientnet-lite0-imagenet) -> its file in the cache, or the command to fetch it
-    out["init_image_tower"] = image_tower_path(cfg.init_image_tower)
     embed_source = cfg.train_file  # embed_file: train means the user's file, not the tagged copy
-    if "tags" in {v for pair in cfg.views for v in pair[:2]} and not has_tags(cfg.train_file):
+    if "tags" in views_of(cfg) and not has_tags(cfg.train_file):
         out["train_file"] = tagged_train_file(out, rank)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source
     if cfg.vocab_file == AUTO_VOCAB:
         out["vocab_file"] = auto_vocab(out, rank)
-    out["batch_size"] = capped_batch_size(cfg.train_file, cfg.batch_size, world)
     return out
 
 
 # ------------------------------------------------------------------------------------------ tags
+def views_of(cfg):
+    return {v for pair in cfg.views for v in pair[:2]}
+
+
 def has_tags(path):
     """Whether any line of the TSV has object tags (column 4)."""
     return any(record.tags for record in iter_records(path))
@@ -139,33 +136,18 @@ def auto_vocab(cfg, rank):
         except VocabError as e:
             raise ConfigError(f"vocab_file: auto: {cfg.train_file}: {e} (vocab_size of "
                               f"{cfg.text_model_config})") from None
-        resuming = resolve_resume(cfg.resume, cfg.output_dir)
-        if resuming and os.path.isfile(path) and load_vocab(path) != {t: i for i, t in enumerate(tokens)}:
+        if cfg.resume and os.path.isfile(path) and load_vocab(path) != {t: i for i, t in enumerate(tokens)}:
             raise ConfigError(f"vocab_file: auto: the captions of {cfg.train_file} give another "
                               f"vocab than {path}, which the checkpoint to resume was trained "
                               f"with (resume with vocab_file={path})")
         write_vocab(tokens, path)
         log.info("vocab_file auto: %d tokens from the captions%s of %s -> %s%s", len(tokens),
-                 " and tags" if "tags" in {v for p in cfg.views for v in p[:2]} else "",
+                 " and tags" if "tags" in views_of(cfg) else "",
                  cfg.train_file, path,
                  f" (words seen fewer than {min_freq} times left out to fit the text tower's "
                  f"vocab_size {rows})" if min_freq > 1 else "")
     barrier()
     return path
-
-
-# ----------------------------------------------------------------------------------------- batch
-def capped_batch_size(train_file, batch_size, world):
-    """batch_size, or the largest multiple of `world` not above the number of training lines."""
-    n_lines = count_lines(train_file)
-    if batch_size <= n_lines:
-        return batch_size
-    capped = n_lines - n_lines % world
-    if capped < 1:
-        raise ConfigError(f"{train_file}: {n_lines} training lines for {world} processes")
-    log.info("batch_size %d is more than the %d lines of %s: using batch_size %d", batch_size,
-             n_lines, train_file, capped)
-    return capped
 
 
 # ------------------------------------------------------------------------------------ embeddings
