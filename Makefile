@@ -17,12 +17,14 @@ $(STAMP): requirements.txt pyproject.toml setup.py
 setup: $(STAMP)
 
 # The demo: draw 1,200 training images with zh/en captions, train the tiny model for a few
-# minutes (4 views: image-text, image-image, text-text, image-tags), embed the 200-line test set
-# with 2 processes using the trained checkpoint, and score it in both protocols.
+# minutes (4 views: image-text, image-image, text-text, image-tags) in a fresh demo_out/train (a
+# new run refuses a used output_dir), embed the 200-line test set with 2 processes using the
+# trained checkpoint, and score it in both protocols.
 demo: setup
 	$(PY) tools/make_demo_data.py --out demo_out
+	rm -rf demo_out/train
 	PYTHON=$(PY) bash run_train.sh 0 demo_tiny
-	PYTHON=$(PY) bash run_infer.sh 0,1 demo_out/train/final/infer.yaml
+	PYTHON=$(PY) bash run_infer.sh 0,1 demo_out/train/final/infer.yaml test_file=demo_out/test.tsv
 	@echo "== official protocol (line i's text <-> line i's image; chance R@1 = 0.5%) =="
 	$(PY) eval_retri.py demo_out/cross_modal_embeddings.out
 	@echo "== multi-caption protocol (images = distinct image ids; chance R@1 = 1%) =="

@@ -358,7 +358,7 @@ def test_timm_lite0_from_the_reference_weights_classifies_imagenet50(server, tmp
     predicts the 50 photos as the reference network does (as the npz port: >= 48/50)."""
     from test_efficientnet import LITE0, NPZ, read_imagenet50_labels, reference_preprocess
 
-    from ernievil2.models.efficientnet import load_lite0_npz
+    from ernievil2.models.lite0_port import load_lite0_npz
 
     port = build_efficientnet("lite0", with_classifier=True)
     load_lite0_npz(port, need_shared(*NPZ))

@@ -144,9 +144,13 @@ def test_validation_reports_both_protocols_in_percent(tmp_path):
     res = validate(model, write_train_tsv(tmp_path / "val.tsv"), make_eval_transform(32),
                    lambda t: tok.batch_encode(t, padding="longest"), batch_size=5, num_workers=0)
     assert model.training  # restored
-    assert set(res) == {"official", "multi_caption"}
+    assert set(res) == {"official", "multi_caption", "official_pessimistic",
+                        "multi_caption_pessimistic"}
     for rows in res.values():
         assert set(rows) == {"Text2Image", "Image2Text", "MeanRecall"}
         assert all(0 <= v <= 100 for row in rows.values() for v in row.values())
+    for protocol in ("official", "multi_caption"):  # ties count against the query: never higher
+        for name, row in res[protocol + "_pessimistic"].items():
+            assert all(row[k] <= res[protocol][name][k] for k in row)
     # 6 images x 2 captions: multi-caption I2T R@10 covers all 6 images
     assert res["multi_caption"]["Image2Text"]["R@10"] == 100.0

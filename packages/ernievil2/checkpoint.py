@@ -7,8 +7,10 @@ except for the training-only `train_heads.*` tensors (view-pair temperatures, se
 models/dual_encoder.py): inference drops them with a log line; training loads those its model has
 and keeps its own initial value for the others.
 """
+import glob
 import logging
 import os
+import pickle
 import re
 
 import numpy as np
@@ -79,11 +81,50 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def read_state_dict(path):
-    """Load a .pdparams file as a dict of numpy arrays."""
+class UnreadableCheckpoint(CheckpointError):
+    """The file is there but cannot be read: empty or truncated (e.g. an interrupted copy)."""
+
+
+def _directory_hint(path):
+    """Which checkpoint file inside a directory a user most likely meant."""
+    found = [os.path.join(path, name) for name in ("model.pdparams", os.path.join("final", "model.pdparams"))
+             if os.path.isfile(os.path.join(path, name))]
+    found += sorted(set(glob.glob(os.path.join(path, "*.pdparams"))) - set(found))
+    steps = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*", "model.pdparams")))
+    found += steps[-1:]
+    if not found:
+        return f"{path} is a directory with no .pdparams file in it; give a checkpoint file"
+    return f"{path} is a directory, not a checkpoint file; the file inside it that looks right: {found[0]}"
+
+
+def load_file(path, **kwargs):
+    """paddle.load (or pickle for .pkl) with one-line errors that name the file: a directory,
+    an empty or truncated file, a zip archive (.npz) instead of a Paddle checkpoint."""
+    if os.path.isdir(path):
+        raise CheckpointError(_directory_hint(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    sd = paddle.load(path, return_numpy=True)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UnreadableCheckpoint(f"{path} is empty (0 bytes): an interrupted save or copy")
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            raise CheckpointError(f"{path} is a zip archive (a NumPy .npz, e.g. embeddings?), not a "
+                                  "Paddle checkpoint (.pdparams)")
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        return paddle.load(path, **kwargs)
+    except (EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnreadableCheckpoint(f"{path} ({size:,} bytes) cannot be read: truncated, or not a "
+                                   f"Paddle checkpoint ({first})") from None
+
+
+def read_state_dict(path):
+    """Load a .pdparams file as a dict of numpy arrays."""
+    sd = load_file(path, return_numpy=True)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: not a state dict (got {type(sd).__name__})")
     return {k: np.asarray(v) for k, v in sd.items()}

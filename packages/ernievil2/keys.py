@@ -110,14 +110,18 @@ TRAIN_KEYS = {
                     "second textual view: a masked/dropped copy, or another caption of the same image"),
     "text_mask_prob": num_key(0.15, "share of tokens masked or dropped in the text_aug view"),
     "augment": Key(True, is_bool, "true or false", "train-time image augmentation (else the eval transform)"),
-    "init_image_tower": Key("", is_str, "a path, a download name or empty", f"an image-tower checkpoint (visual.* names), e.g. converted Lite0, or a name fetched by `ernievil2-download NAME` ({', '.join(names(IMAGE_TOWER))})", coerce=image_tower_path),
+    "init_image_tower": Key("", is_str, "a path, a download name or empty", f"an image-tower checkpoint (visual.* names), e.g. converted Lite0, or a name fetched by `ernievil2-download NAME` ({', '.join(names(IMAGE_TOWER))}); "
+                            "with init_from_params too, the image tower comes from this one (a warning says so), the rest from init_from_params", coerce=image_tower_path),
     "grad_checkpointing": Key(False, is_bool, "true or false", "activation recompute in the towers"),
     "save_every": Key(500, is_int(1), "a positive int", "checkpoint every N steps (atomic)"),
+    "save_every_minutes": num_key(0.0, "also checkpoint when N minutes have passed since the last one; 0 = off"),
     "keep_last": Key(2, is_int(1), "a positive int", "checkpoints kept (plus the best on validation)"),
     "val_every": Key(500, is_int(1), "a positive int", "validate every N steps (and at the end)"),
     "val_batch_size": Key(64, is_int(1), "a positive int", "batch for validation embedding"),
     "log_every": Key(10, is_int(1), "a positive int", "console/JSON-lines log every N steps"),
-    "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir"),
+    "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir (an unreadable one falls back to the one before); "
+                  "needs the checkpoint's model and batch keys and process count"),
+    "overwrite": Key(False, is_bool, "true or false", "empty a used output_dir first (else a new run refuses one that is not empty)"),
     "tag_classes": Key("", is_str, "a path or empty",
                        "when the tags view needs tags and train_file has none, the trainer tags each image "
                        "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "

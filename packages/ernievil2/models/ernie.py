@@ -18,6 +18,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..config import ConfigError
+
 LN_EPS = 1e-5  # official text-tower LayerNorm epsilon
 MASK_VALUE = -10000.0  # official additive attention bias on padding keys
 
@@ -26,24 +28,28 @@ ERNIE_CONFIG_KEYS = {
     "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
     "max_position_embeddings", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
     "initializer_range", "sent_type_vocab_size", "task_type_vocab_size", "type_vocab_size",
-    "intermediate_size", "use_sent_emb", "pad_token_id", "_source", "model_type", "pooling",
+    "intermediate_size", "use_sent_emb", "pad_token_id", "model_type", "pooling",
 }
 POOLINGS = ("cls", "mean")
 
 
 def load_ernie_config(path):
-    """Read an ERNIE json config and return the dict, rejecting keys we would silently ignore."""
+    """Read an ERNIE json config and return the dict, rejecting keys we would silently ignore
+    (ConfigError naming the file)."""
     with open(path, encoding="utf-8") as f:
         try:
             cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+            raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: an ERNIE config is a JSON object, got {type(cfg).__name__}")
     unknown = sorted(set(cfg) - ERNIE_CONFIG_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown ERNIE config keys {unknown}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing required ERNIE config key {key!r}")
+        raise ConfigError(f"{path}: unknown ERNIE config keys {unknown}")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if k not in cfg]
+    if missing:
+        raise ConfigError(f"{path}: missing required ERNIE config key(s) {missing}")
     return cfg
 
 

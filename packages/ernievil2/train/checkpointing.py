@@ -4,7 +4,8 @@ rank 0 through fileio.atomic_dir, so a crash never leaves a half checkpoint.
 Files: model.pdparams (the model's state dict, training-only `train_heads.*` included; alone it is
 an inference checkpoint: run_infer.sh drops those), optimizer.pdopt (Paddle's optimizer state and
 `param_names`, its generated tensor names -> state_dict names), state.pkl (step, best score,
-world size), rng_rank{r}.pkl (each process's random state), extra_<name>.pkl (e.g. the EMA), and
+world size, and the model and batch keys of the config it was made with: a resume with other values
+stops and names them), rng_rank{r}.pkl (each process's random state), extra_<name>.pkl (e.g. the EMA), and
 COMPLETE.
 
 Paddle keys optimizer state by generated tensor names (`linear_3.w_0_moment1_0`), which depend on
@@ -25,7 +26,7 @@ import shutil
 
 import paddle
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_file
 from ..distributed import all_gather_object, barrier
 from ..fileio import atomic_dir
 from ..models.dual_encoder import TRAIN_HEADS_PREFIX
@@ -51,11 +52,6 @@ def list_checkpoints(root):
 def _pickle(obj, path):
     with open(path, "wb") as f:
         pickle.dump(obj, f)
-
-
-def _unpickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def save_checkpoint(root, step, model, optimizer, state, rank, world, extras=None):
@@ -88,10 +84,10 @@ def prune_checkpoints(root, keep_last, best_step=None):
 
 
 def _model_state(path, model):
-    sd = paddle.load(os.path.join(path, "model.pdparams"))
+    sd = load_file(os.path.join(path, "model.pdparams"))
     old_loss = os.path.join(path, OLD_LOSS_FILE)
     if os.path.isfile(old_loss):  # older layout: the view-pair temperatures sat in the loss
-        sd.update({TRAIN_HEADS_PREFIX + k: v for k, v in paddle.load(old_loss).items()})
+        sd.update({TRAIN_HEADS_PREFIX + k: v for k, v in load_file(old_loss).items()})
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -104,7 +100,7 @@ def _model_state(path, model):
 
 def _optimizer_state(path, model):
     """The saved optimizer state keyed by this process's generated tensor names."""
-    saved = paddle.load(os.path.join(path, "optimizer.pdopt"))
+    saved = load_file(os.path.join(path, "optimizer.pdopt"))
     names = saved.pop("param_names", None)
     current = {n: p.name for n, p in model.named_parameters()}
     if names is not None:
@@ -137,27 +133,51 @@ def _renamed(key, rename):
     return rename[name] + suffix if name else key
 
 
-def load_checkpoint_dir(path, model, optimizer, rank, world):
+def _short(value, width=60):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def check_same_config(path, saved, current):
+    """saved/current: key -> value of the model and batch keys; a difference stops the resume."""
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        what = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, this run {_short(current.get(k))}"
+                         for k in differ)
+        raise CheckpointError(
+            f"{path} was made with another model or batch configuration ({what}); resume with the "
+            f"checkpoint's values, or start a new run (another output_dir) from its weights with "
+            f"init_from_params={os.path.join(path, 'model.pdparams')}")
+
+
+def load_checkpoint_dir(path, model, optimizer, rank, world, config=None):
     """Restore model and optimizer from a step directory; returns its state (step, best, rng of
-    this rank, extras)."""
-    state = _unpickle(os.path.join(path, "state.pkl"))
+    this rank, extras). config: the run's model and batch keys, compared with the checkpoint's
+    (a checkpoint written before they were stored is not compared)."""
+    state = load_file(os.path.join(path, "state.pkl"))
     if state["world_size"] != world:
-        raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume needs "
-                              f"the same count (got {world}) for an exact continuation")
+        raise CheckpointError(
+            f"{path} was written by {state['world_size']} process(es), this run has {world}: an "
+            f"exact resume needs the same count (run_train.sh with {state['world_size']} "
+            f"device(s)), or start a new run (another output_dir) from its weights with "
+            f"init_from_params={os.path.join(path, 'model.pdparams')}")
+    if config is not None and "config" in state:
+        check_same_config(path, state["config"], config)
     model.set_state_dict(_model_state(path, model))
     optimizer.set_state_dict(_optimizer_state(path, model))
-    state["rng"] = _unpickle(os.path.join(path, f"rng_rank{rank}.pkl"))
-    state["extras"] = {os.path.basename(f)[len("extra_"):-len(".pkl")]: _unpickle(f)
+    state["rng"] = load_file(os.path.join(path, f"rng_rank{rank}.pkl"))
+    state["extras"] = {os.path.basename(f)[len("extra_"):-len(".pkl")]: load_file(f)
                        for f in glob.glob(os.path.join(path, "extra_*.pkl"))}
     return state
 
 
-def resolve_resume(resume, root):
+def resume_candidates(resume, root):
+    """The step directories to try, in order: resume=auto gives every complete one of root,
+    newest first (a newer one that turns out unreadable falls back to the next)."""
     if not resume:
-        return None
+        return []
     if resume == "auto":
-        ckpts = list_checkpoints(root)
-        return ckpts[-1][1] if ckpts else None
+        return [d for _, d in reversed(list_checkpoints(root))]
     if not os.path.isfile(os.path.join(resume, "COMPLETE")):
         raise FileNotFoundError(f"resume: {resume} is not a complete checkpoint directory")
-    return resume
+    return [resume]

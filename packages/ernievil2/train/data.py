@@ -28,7 +28,7 @@ class TrainIndex:
     """Byte offsets, image ids and labels of every line of a training TSV (one streamed pass of
     data/tsv.py index_lines, so its BOM, CRLF and blank-line rules)."""
 
-    def __init__(self, path, need_tags=False, need_labels=False):
+    def __init__(self, path, need_tags=False, need_labels=False, kind="training"):
         self.path = path
         offsets, line_numbers, image_ids, labels = [], [], [], []
         with tqdm(desc=f"indexing {path}", unit="lines", leave=False) as bar:
@@ -47,7 +47,7 @@ class TrainIndex:
                 labels.append(fields[4].decode("utf-8", "replace").strip() if len(fields) == 5 else "")
                 bar.update()
         if not offsets:
-            raise DataError(path, None, "no training lines")
+            raise DataError(path, None, f"no {kind} lines (the file is empty)")
         self.offsets = np.asarray(offsets, np.int64)
         self.line_numbers = np.asarray(line_numbers, np.int64)  # 1-based, as editors count
         self.image_ids = image_ids
