@@ -163,10 +163,10 @@ def test_the_tags_view_without_tags_or_a_classifier_names_the_download(tmp_path,
 def test_tags_present_are_kept_and_feed_the_auto_vocab(tmp_path, monkeypatch):
     monkeypatch.setenv("ERNIEVIL2_HOME", str(tmp_path / "empty_home"))  # no classifier needed
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1, "tabby cat"), ("a dog", "b", 2, "beagle")])
-    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto",
+    cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto", embed_file="train",
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
     out = prep.prepare(cfg, 0)
-    assert out.train_file == train
+    assert out.train_file == out.embed_file == train
     assert out.vocab_file == str(tmp_path / "out" / "vocab.txt")
     vocab = load_vocab(out.vocab_file)
     assert list(vocab) == build_vocab(["一只猫", "a dog", "tabby cat", "beagle"])
@@ -193,6 +193,12 @@ def test_tags_are_computed_once_and_reused(tmp_path, monkeypatch):
     prep.prepare(_train_cfg(tmp_path, train_file=train, tag_classes=str(classes), tag_lang="zh",
                             views=[["image", "text", 1.0], ["image", "tags", 0.5]]), 0)
     assert len(calls) == 1  # other names: computed again
+
+
+def test_a_missing_embed_file_is_reported_before_training(tmp_path):
+    train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1)])
+    with pytest.raises(FileNotFoundError, match="embed_file not found: .*photos.tsv"):
+        prep.prepare(_train_cfg(tmp_path, train_file=train, embed_file=str(tmp_path / "photos.tsv")), 0)
 
 
 def test_a_resumed_run_must_find_the_same_auto_vocab(tmp_path, monkeypatch):

@@ -45,6 +45,8 @@ def prepare(cfg, rank):
         out["train_file"] = tagged_train_file(out, rank)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source
+    elif cfg.embed_file and not os.path.isfile(cfg.embed_file):  # known now, not after training
+        raise FileNotFoundError(f"embed_file not found: {cfg.embed_file}")
     if cfg.vocab_file == AUTO_VOCAB:
         out["vocab_file"] = auto_vocab(out, rank)
     return out
