@@ -167,6 +167,9 @@ def create_transforms(config=None, **overrides):
 
 def create_tokenizer(config=None, **overrides) -> ErnieTokenizer:
     cfg = as_config(config, **overrides)
+    if cfg.vocab_file == "auto":  # training's: the trainer replaces it with the vocab it builds
+        raise ConfigError("vocab_file: auto is built by run_train.sh (into output_dir/vocab.txt); "
+                          "embed with the vocab of a trained model (its final/infer.yaml names it)")
     return ErnieTokenizer.from_file(
         cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_token=cfg.pad_token,
         cls_token=cfg.cls_token, sep_token=cfg.sep_token, mask_token=cfg.mask_token)

@@ -57,6 +57,7 @@ from .ema import ModelEMA
 from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, get_rng_states, gradcache_step, set_rng_states
 from .optim import build_optimizer, freeze, lr_at
+from .prepare import embed_after_training, prepare
 from .validate import validate
 
 log = logging.getLogger("ernievil2.train")
@@ -566,6 +567,7 @@ def train(cfg):
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
     if deleted:
         log.warning("overwrite: deleted %s from %s", ", ".join(deleted), cfg.output_dir)
+    cfg = prepare(cfg, rank)  # computed object tags, vocab_file auto, embed_file
     device, amp = select_device(cfg.device, cfg.amp)
     model = build_model(cfg)
     data = build_data(cfg, model, rank, world)
@@ -586,3 +588,4 @@ def train(cfg):
     finally:
         data.batcher.close()
     barrier()
+    embed_after_training(cfg)
