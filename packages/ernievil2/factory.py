@@ -182,11 +182,10 @@ def text_encoder(cfg, tokenizer) -> Callable:
     return encode_texts
 
 
-def check_vocab_fits(tokenizer, model, vocab_file):
-    rows = model.text_model.word_emb.weight.shape[0]
-    if tokenizer.vocab_size > rows:
-        raise ConfigError(f"{vocab_file}: the vocab has ids up to {tokenizer.vocab_size - 1} but the "
-                          f"text tower has {rows} embeddings (vocab_size in text_model_config)")
+def check_vocab_fits(tokenizer, model, vocab_file=None):
+    """A vocab whose ids exceed the text tower's embedding rows is a one-line VocabError (Paddle
+    would fail deep inside the lookup, or read past the table)."""
+    tokenizer.check_embedding_rows(model.text_model.word_emb.weight.shape[0])
 
 
 class ModelAndTransforms(NamedTuple):
