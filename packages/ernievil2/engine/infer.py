@@ -70,7 +70,7 @@ def run(cfg):
     set_max_image_pixels(cfg.max_image_pixels)  # decode_image's limit, in this process's threads
     logger, log_path = setup_logging(cfg.log_dir, "infer.log", rank)
     place, amp = select_device(cfg.device, cfg.amp)
-    logger.info("config: %s", dict(cfg))
+    logger.info("config: %s", dict(cfg), extra={FILE_ONLY: True})
     logger.info("device %s, %d process(es), amp %s, execution %s", place, world, amp, cfg.execution)
     if not os.path.isfile(cfg.test_file):
         raise FileNotFoundError(f"test_file not found: {cfg.test_file}")

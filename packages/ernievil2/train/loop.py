@@ -44,7 +44,7 @@ from ..distributed import all_gather_object, all_reduce_gradients, barrier, init
 from ..factory import check_vocab_fits, create_model, create_tokenizer, create_transforms
 from ..fileio import atomic_write
 from ..keys import INFER_KEYS
-from ..logging_utils import setup_logging
+from ..logging_utils import FILE_ONLY, setup_logging
 from ..losses import ContrastivePair, MultiViewContrastiveLoss
 from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, temperature_name
 from ..models.ernie import load_ernie_config
@@ -448,7 +448,7 @@ def build_run(cfg, rank, world, device, amp, model, data):
               freeze_bn=cfg.freeze_bn_stats is True or (
                   cfg.freeze_bn_stats == "auto" and bool(micro) and has_batchnorm(model.visual)),
               device=device, best={"step": None, "score": -1.0}, last_save=time.time())
-    log.info("config: %s", dict(cfg))
+    log.info("config: %s", dict(cfg), extra={FILE_ONLY: True})
     log.info("%d process(es); global batch %d (%d per process%s); views %s; pairs %s; targets %s",
              world, cfg.batch_size, local_batch, f", GradCache micro-batch {micro}" if micro else "",
              data.views, [p.key for p in run.loss.pairs], cfg.targets)
