@@ -4,6 +4,7 @@ both commands. INFER_KEYS are the official `ernie_vil_base.yaml` keys with their
 plus the project's own (model, reader, execution); TRAIN_KEYS are training's. The library knows
 the training keys only as names to leave alone: a run config given to the factory may hold them."""
 from .config import Key, is_bool, is_int, is_num, is_str, num_key, one_of, opt_int
+from .pretrained import IMAGE_TOWER, VOCAB, WEIGHTS, image_tower_path, names, vocab_path, weights_path
 from .resources import text_config_path
 
 OFFICIAL_KEYS = {
@@ -11,11 +12,11 @@ OFFICIAL_KEYS = {
     "device": Key("gpu", is_str, "gpu or cpu", "gpu (falls back to CPU, with a warning, where there is none); anything else = CPU"),
     "infer_batch_size": Key(10, is_int(1), "a positive int", "lines per batch and process"),
     "max_text_seqlen": Key(48, is_int(3), "an int >= 3", "text length in tokens, [CLS] and [SEP] included"),
-    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path", "vocab: `token\\tid` lines or one token a line"),
+    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path or a download name", f"vocab: `token\\tid` lines or one token a line; or a name fetched by `ernievil2-download NAME` ({', '.join(names(VOCAB))})", coerce=vocab_path),
     "text_model_config": Key("ernie-3.0-base-zh", is_str, "a path or a shipped name", "ERNIE json config of the text tower: a path, or a shipped name (ernie-3.0-base-zh, ernie-3.0-large-zh, ernie-2.0-base-en, ernie-2.0-large-en, ernie-demo-tiny, ernie-embed-mean)", coerce=text_config_path),
     "test_file": Key("", is_str, "a path", "TSV to embed: text \\t image_id \\t base64 image"),
     "output_file": Key("./test_out/cross_modal_embeddings.out", is_str, "a path", "embeddings output"),
-    "init_from_params": Key("", is_str, "a path or empty", "checkpoint (official or PaddleNLP layout); empty = random weights"),
+    "init_from_params": Key("", is_str, "a path, a download name or empty", f"checkpoint (official or PaddleNLP layout), or a name fetched by `ernievil2-download NAME` ({', '.join(names(WEIGHTS))}); empty = random weights", coerce=weights_path),
     "pad_token": Key(0, is_int(0), "an int", "id of [PAD]"),
     "cls_token": Key(1, is_int(0), "an int", "id of [CLS]"),
     "sep_token": Key(2, is_int(0), "an int", "id of [SEP]"),
@@ -109,7 +110,7 @@ TRAIN_KEYS = {
                     "second textual view: a masked/dropped copy, or another caption of the same image"),
     "text_mask_prob": num_key(0.15, "share of tokens masked or dropped in the text_aug view"),
     "augment": Key(True, is_bool, "true or false", "train-time image augmentation (else the eval transform)"),
-    "init_image_tower": Key("", is_str, "a path or empty", "an image-tower checkpoint (visual.* names), e.g. converted Lite0"),
+    "init_image_tower": Key("", is_str, "a path, a download name or empty", f"an image-tower checkpoint (visual.* names), e.g. converted Lite0, or a name fetched by `ernievil2-download NAME` ({', '.join(names(IMAGE_TOWER))})", coerce=image_tower_path),
     "grad_checkpointing": Key(False, is_bool, "true or false", "activation recompute in the towers"),
     "save_every": Key(500, is_int(1), "a positive int", "checkpoint every N steps (atomic)"),
     "keep_last": Key(2, is_int(1), "a positive int", "checkpoints kept (plus the best on validation)"),
