@@ -280,6 +280,27 @@ def test_coco_cn_split_with_2014_and_2017_layouts(tmp_path):
     assert any("COCO_val2014_000000000099" in n for n in result.notes)
 
 
+def test_coco_cn_manually_translated_lines_have_no_tab_and_two_hashes(tmp_path):
+    # The real imageid.manually-translated-caption.txt: 'ID#zhm#N sentence' (a space, no tab).
+    ccn = tmp_path / "coco-cn-version1805v1.1"
+    coco = tmp_path / "coco"
+    v1 = put_image(coco / "val2014" / "COCO_val2014_000000000042.jpg", 5)
+    t1 = put_image(coco / "train2014" / "COCO_train2014_000000000007.jpg", 6)
+    write(ccn / "coco-cn_test.txt", "COCO_val2014_000000000042\nCOCO_train2014_000000000007\n")
+    write(ccn / "imageid.manually-translated-caption.txt",
+          "COCO_train2014_000000000007#zhm#0 两只狗在草地上\n"
+          "COCO_val2014_000000000042#zhm#0 一个人 骑着 自行车\n"
+          "COCO_val2014_000000000042#zhm#1 一个男人\n")
+    out = tmp_path / "coco_cn_test_mt.tsv"
+    assert build_tsv.main(["coco-cn", str(ccn), str(coco), str(out), "--split", "test",
+                           "--captions", "manually-translated", "--no-progress"]) == 0
+    lines = read_lines(out)
+    assert [l[:2] for l in lines] == [["一个人 骑着 自行车", "COCO_val2014_000000000042"],
+                                      ["一个男人", "COCO_val2014_000000000042"],
+                                      ["两只狗在草地上", "COCO_train2014_000000000007"]]
+    assert [base64.b64decode(l[2]) for l in lines] == [v1, v1, t1]
+
+
 def test_coco_cn_missing_image_names_the_2014_path_and_line(tmp_path):
     caps = write(tmp_path / "imageid.human-written-caption.txt", "COCO_val2014_000000000001#0\t猫\n")
     records = cv.parse_coco_cn(caps, [str(tmp_path / "coco")]).records

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coco-cn", parents=common, formatter_class=fmt, help="COCO-CN (li-xirong/coco-cn)",
                        description="""COCO-CN (github.com/li-xirong/coco-cn, coco-cn-version1805v1.1):
   COCO_CN_DIR holds coco-cn_{train,val,test}.txt (one id a line, e.g. COCO_val2014_000000123456)
-  and imageid.human-written-caption.txt / imageid.manually-translated-caption.txt, lines
-  'COCO_val2014_000000123456#0<TAB>sentence'.
+  and imageid.human-written-caption.txt ('COCO_val2014_000000123456#0<TAB>sentence' lines) /
+  imageid.manually-translated-caption.txt ('COCO_val2014_000000123456#zhm#0 sentence').
   COCO_IMAGES is the MS-COCO root with train2014/ and val2014/ (COCO_*.jpg); train2017/ and
   val2017/ (000000123456.jpg) are found too.
 The ERNIE-ViL 2.0 COCO-CN test set is --split test with the human-written sentences: 1,000

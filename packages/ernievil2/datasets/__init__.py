@@ -27,7 +27,8 @@ Published formats read here (one parser each; all return ``ParseResult``):
   ``coco-cn-version1805v1.1``): ``coco-cn_{train,val,test}.txt`` list one image id a line
   (``COCO_val2014_000000123456``); ``imageid.human-written-caption.txt`` (22,218 sentences) and
   ``imageid.manually-translated-caption.txt`` (5,000, test only) hold
-  ``COCO_val2014_000000123456#0 \\t sentence``. The test split has 1,000 images and 1,053
+  ``COCO_val2014_000000123456#0 \\t sentence`` and ``COCO_val2014_000000123456#zhm#0 sentence``
+  (no tab) respectively; the image id ends at the first ``#``. The test split has 1,000 images and 1,053
   human-written sentences (1-2 per image). ``imageid.human-written-tags.txt`` is
   ``image_id tags...`` and can be given as the tags table. Images come from MS-COCO 2014
   (``train2014/``, ``val2014/`` under one root); a COCO 2017 layout (``train2017/``,
