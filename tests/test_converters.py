@@ -373,18 +373,21 @@ def test_aic_icc_json(tmp_path):
     da = put_image(imgs / "8f00f3d0f1008e085ab660e70dffced16a8259f6.jpg", 10)
     db = put_image(imgs / "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1.jpg", 11)
     ann = [{"url": "http://x/1.jpg", "image_id": "8f00f3d0f1008e085ab660e70dffced16a8259f6.jpg",
-            "caption": ["一个人\n在路上走", "", "两个人"]},
+            "caption": ["一个人\n在路上走", "", "两个人\t在 路上\n"]},
            {"url": "http://x/2.jpg", "image_id": "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1.jpg",
             "caption": ["一只狗"]}]
     path = write(tmp_path / "caption_validation_annotations_20170910.json", json.dumps(ann, ensure_ascii=False))
     out = tmp_path / "aic.tsv"
-    stats = write_quiet(cv.parse_aic_icc(path, str(imgs)).records, out)
+    result = cv.parse_aic_icc(path, str(imgs))
+    stats = write_quiet(result.records, out)
     lines = read_lines(out)
-    assert [l[:2] for l in lines] == [["一个人 在路上走", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
-                                      ["两个人", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
+    # Newlines are deleted (the official baseline's preprocessing); a tab still becomes a space.
+    assert [l[:2] for l in lines] == [["一个人在路上走", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
+                                      ["两个人 在 路上", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
                                       ["一只狗", "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1"]]
     assert [base64.b64decode(l[2]) for l in lines] == [da, da, db]
     assert (stats.sanitised, stats.empty_captions) == (1, 1)
+    assert any(n.startswith("2 caption(s)") and "newlines deleted" in n for n in result.notes)
 
 
 def test_aic_icc_wrong_shape(tmp_path):

@@ -110,7 +110,8 @@ Test set: flickr30kzhmbosontest (human translations, 1,000 images x 5).""" + COM
   ANNOTATIONS.json is caption_{train,validation}_annotations_2017xxxx.json, a JSON list of
       {"url": ..., "image_id": "<sha1>.jpg", "caption": [5 sentences]}
   IMAGES_DIR is caption_{train,validation}_images_2017xxxx/. The id written is the file stem.
-Sentences with line breaks are cleaned, empty ones skipped (both counted). With 5 captions per
+Newlines inside a sentence are deleted (as the official baseline does), other tabs/line breaks
+become spaces, empty sentences are skipped (all counted). With 5 captions per
 image the official eval_retri.py counts an image's other captions as misses in Image2Text
 (ERNIE #898); --one-per-image gives a 1:1 file.""" + COMMON_HELP)
     p.add_argument("annotations", metavar="ANNOTATIONS.json")

@@ -50,8 +50,8 @@ Published formats read here (one parser each; all return ``ParseResult``):
 ``aic-icc`` -- AI Challenger 2017 image captioning (github.com/AIChallenger/AI_Challenger_2017):
   ``caption_{train,validation}_annotations_2017xxxx.json`` is a JSON list of
   ``{"url", "image_id": "<sha1>.jpg", "caption": [5 sentences]}``; images in
-  ``caption_{train,validation}_images_2017xxxx/``. Some sentences contain line breaks or are
-  empty (the writer replaces / skips and counts them). The id written is the file stem.
+  ``caption_{train,validation}_images_2017xxxx/``. Some sentences contain newlines (deleted,
+  as the official baseline does) or are empty (the writer skips and counts them). The id written is the file stem.
 
 ``muge`` -- MUGE retrieval / Chinese-CLIP layout (github.com/OFA-Sys/Chinese-CLIP README):
   ``{split}_imgs.tsv`` lines ``image_id \\t base64`` and ``{split}_texts.jsonl`` lines
