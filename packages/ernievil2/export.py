@@ -89,8 +89,7 @@ def _remove_files(folder, names):
 def remove_export(out_dir):
     """Delete what export_model and export_onnx write (encoder.json first: from then on the folder
     is no export); the folder itself goes too when nothing else is left in it."""
-    written = [f"{t}{ext}" for t in TOWERS for ext in (".json", ".pdiparams", ".pdiparams.info",
-                                                         ".pdmodel", ".onnx")]
+    written = [f"{t}{ext}" for t in TOWERS for ext in (".json", ".pdiparams", ".onnx")]
     _remove_files(out_dir, [META_FILE, *written, VOCAB_NAME, *DEPLOY_FILES])
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         os.rmdir(out_dir)
@@ -162,7 +161,11 @@ def verify_export(model, export_dir, formats=("paddle", "onnx"), batch=3, seq_le
                                   os.path.join(export_dir, meta[tower]["params"]), device=device)
             diffs[tower] = float(np.abs(pred(inputs[tower]) - eager[tower]).max())
         if "onnx" in formats and "onnx" in meta:
-            import onnxruntime as ort
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise ExportError("verifying the ONNX export needs onnxruntime: "
+                                  "pip install onnxruntime (or export with --no-verify)") from None
             sess = ort.InferenceSession(os.path.join(export_dir, meta["onnx"][tower]),
                                         providers=["CPUExecutionProvider"])
             out = sess.run(None, {sess.get_inputs()[0].name: inputs[tower]})[0]
@@ -223,7 +226,7 @@ def export_onnx(export_dir, opset=ONNX_OPSET):
         import paddle2onnx
     except ImportError:
         raise ExportError("ONNX export needs paddle2onnx, an optional dependency: "
-                           "pip install paddle2onnx onnxruntime") from None
+                          "pip install paddle2onnx onnxruntime") from None
     # paddle2onnx's default optimiser (polygraphy) pip-installs packages at run time; onnxoptimizer
     # is its own dependency and needs no network.
     os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
