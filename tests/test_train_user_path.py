@@ -21,7 +21,7 @@ from ernievil2.config import ConfigError
 from ernievil2.factory import build_dual_encoder
 from ernievil2.models.ernie import load_ernie_config
 from ernievil2.tokenizer import ErnieTokenizer
-from ernievil2.train import loop
+from ernievil2.train import loop, runs
 from ernievil2.train.validate import validate
 from ernievil2.transforms import make_eval_transform
 from helpers import TINY_ERNIE, TINY_VIT, write_json, write_tsv, write_vocab
@@ -255,11 +255,11 @@ def test_the_cpu_recipe_hint_is_for_large_models_on_a_cpu(monkeypatch, caplog):
     monkeypatch.setattr(logging.getLogger("ernievil2"), "propagate", True)
     for threshold, device, hint in ((10**12, "cpu", False), (1, "cpu", True), (1, "gpu", False)):
         if device == "gpu" and not paddle.device.is_compiled_with_cuda():
-            monkeypatch.setattr(loop, "peak_memory_gb", lambda device: 1.0)
-        monkeypatch.setattr(loop, "CPU_HINT_PARAMETERS", threshold)
+            monkeypatch.setattr(runs, "peak_memory_gb", lambda device: 1.0)
+        monkeypatch.setattr(runs, "CPU_HINT_PARAMETERS", threshold)
         state.device = device
         caplog.clear()
-        loop.log_estimate(state, 36.0)
+        runs.log_estimate(state, 36.0)
         assert "max_steps 100 will take about 0 h 59 min (98 steps left)" in caplog.text
         assert ("flickr8k_cn_lite0.yaml" in caplog.text) == hint
 
