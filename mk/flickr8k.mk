@@ -40,10 +40,7 @@ $(F8K_TAGGED_ZH): $(F8K_TSVS)
 
 # a vocab of the training captions and tags (val characters never seen become [UNK])
 $(F8K_VOCAB): $(F8K_TAGGED)
-	$(PY) -c "import sys; sys.path.insert(0, 'packages'); \
-	from ernievil2.data.tsv import read_column; from ernievil2.tokenizer import build_vocab, write_vocab; \
-	f = sys.argv[1]; v = build_vocab(list(read_column(f, 0)) + list(read_column(f, 3))); \
-	write_vocab(v, sys.argv[2]); print(f'{len(v)} tokens in {sys.argv[2]}')" $< $@
+	$(PY) tools/build_vocab.py $< --out $@
 
 $(F8K_TOWER): | setup
 	$(PY) tools/convert_lite0_weights.py $(F8K_LITE0) $@

@@ -8,6 +8,7 @@ from ernievil2.cli import load_infer_config as load_config, load_train_config
 from ernievil2.config import ConfigError
 from ernievil2.keys import OFFICIAL_KEYS
 from ernievil2.models.ernie import load_ernie_config
+from ernievil2.pretrained import REGISTRY, cache_path
 
 OFFICIAL_YAML = {
     "input_dtype": "int64", "device": "gpu", "infer_batch_size": 10, "max_text_seqlen": 48,
@@ -28,7 +29,8 @@ def test_the_official_yaml_is_accepted_as_is(tmp_path):
 
 
 SHIPPED = ["demo_tiny", "ernie_vil_base", "ernie_vil_base_efficientnet_b5",
-           "ernie_vil_large_efficientnet_l2", "ernie_vil_large_vit_l14", "flickr8k_cn_lite0"]
+           "ernie_vil_large_efficientnet_l2", "ernie_vil_large_vit_l14", "flickr8k_cn_lite0",
+           "own_photos_lite0"]
 
 
 def test_the_shipped_configs_are_listed_by_resources():
@@ -39,6 +41,11 @@ def test_the_shipped_configs_are_listed_by_resources():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load_by_name_from_any_directory(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # download names in a config resolve when it is read: a cache holding them
+    monkeypatch.setenv("ERNIEVIL2_HOME", str(tmp_path / "home"))
+    for entry in REGISTRY.values():
+        Path(cache_path(entry)).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache_path(entry)).touch()
     cfg, train_cfg = load_config(name), load_train_config(name)
     path = resources.run_config_path(name)
     assert Path(path).parent == resources.configs_dir() and cfg.infer_batch_size >= 1

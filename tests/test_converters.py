@@ -280,6 +280,27 @@ def test_coco_cn_split_with_2014_and_2017_layouts(tmp_path):
     assert any("COCO_val2014_000000000099" in n for n in result.notes)
 
 
+def test_coco_cn_manually_translated_lines_have_no_tab_and_two_hashes(tmp_path):
+    # The real imageid.manually-translated-caption.txt: 'ID#zhm#N sentence' (a space, no tab).
+    ccn = tmp_path / "coco-cn-version1805v1.1"
+    coco = tmp_path / "coco"
+    v1 = put_image(coco / "val2014" / "COCO_val2014_000000000042.jpg", 5)
+    t1 = put_image(coco / "train2014" / "COCO_train2014_000000000007.jpg", 6)
+    write(ccn / "coco-cn_test.txt", "COCO_val2014_000000000042\nCOCO_train2014_000000000007\n")
+    write(ccn / "imageid.manually-translated-caption.txt",
+          "COCO_train2014_000000000007#zhm#0 两只狗在草地上\n"
+          "COCO_val2014_000000000042#zhm#0 一个人 骑着 自行车\n"
+          "COCO_val2014_000000000042#zhm#1 一个男人\n")
+    out = tmp_path / "coco_cn_test_mt.tsv"
+    assert build_tsv.main(["coco-cn", str(ccn), str(coco), str(out), "--split", "test",
+                           "--captions", "manually-translated", "--no-progress"]) == 0
+    lines = read_lines(out)
+    assert [l[:2] for l in lines] == [["一个人 骑着 自行车", "COCO_val2014_000000000042"],
+                                      ["一个男人", "COCO_val2014_000000000042"],
+                                      ["两只狗在草地上", "COCO_train2014_000000000007"]]
+    assert [base64.b64decode(l[2]) for l in lines] == [v1, v1, t1]
+
+
 def test_coco_cn_missing_image_names_the_2014_path_and_line(tmp_path):
     caps = write(tmp_path / "imageid.human-written-caption.txt", "COCO_val2014_000000000001#0\t猫\n")
     records = cv.parse_coco_cn(caps, [str(tmp_path / "coco")]).records
@@ -352,18 +373,21 @@ def test_aic_icc_json(tmp_path):
     da = put_image(imgs / "8f00f3d0f1008e085ab660e70dffced16a8259f6.jpg", 10)
     db = put_image(imgs / "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1.jpg", 11)
     ann = [{"url": "http://x/1.jpg", "image_id": "8f00f3d0f1008e085ab660e70dffced16a8259f6.jpg",
-            "caption": ["一个人\n在路上走", "", "两个人"]},
+            "caption": ["一个人\n在路上走", "", "两个人\t在 路上\n"]},
            {"url": "http://x/2.jpg", "image_id": "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1.jpg",
             "caption": ["一只狗"]}]
     path = write(tmp_path / "caption_validation_annotations_20170910.json", json.dumps(ann, ensure_ascii=False))
     out = tmp_path / "aic.tsv"
-    stats = write_quiet(cv.parse_aic_icc(path, str(imgs)).records, out)
+    result = cv.parse_aic_icc(path, str(imgs))
+    stats = write_quiet(result.records, out)
     lines = read_lines(out)
-    assert [l[:2] for l in lines] == [["一个人 在路上走", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
-                                      ["两个人", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
+    # Newlines are deleted (the official baseline's preprocessing); a tab still becomes a space.
+    assert [l[:2] for l in lines] == [["一个人在路上走", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
+                                      ["两个人 在 路上", "8f00f3d0f1008e085ab660e70dffced16a8259f6"],
                                       ["一只狗", "b96ff46ebd9c5d2f5e0bbdde7b6ad1f5a2a1e3c1"]]
     assert [base64.b64decode(l[2]) for l in lines] == [da, da, db]
     assert (stats.sanitised, stats.empty_captions) == (1, 1)
+    assert any(n.startswith("2 caption(s)") and "newlines deleted" in n for n in result.notes)
 
 
 def test_aic_icc_wrong_shape(tmp_path):

@@ -16,7 +16,6 @@ from ernievil2.models.efficientnet import (
     drop_connect,
     round_filters,
     round_repeats,
-    tf_same_padding,
 )
 from ernievil2.models.lite0_port import load_lite0_npz, lukemelas_to_paddle_name
 
@@ -26,6 +25,14 @@ CLASSIFIER_PARAMS = 1280 * 1000 + 1000  # the 1000-class head on 1280 features
 
 
 # --- builder arithmetic ----------------------------------------------------------------------------
+
+def tf_same_padding(size, kernel_size, stride):
+    """(before, after) padding of TF padding='SAME' along one axis: output = ceil(size / stride),
+    any odd total goes after (tf.nn.conv2d semantics)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
 
 def test_tf_same_padding_hand_computed():
     # out = ceil(n / s); total = (out - 1) * s + k - n; the odd pixel goes after.
@@ -47,6 +54,19 @@ def test_conv_same_pads_bottom_right_like_tf():
     # Odd size 5: total padding 2 -> (1, 1), output 3x3, corners see 4 ones.
     out5 = conv(paddle.ones([1, 1, 5, 5])).numpy()[0, 0]
     np.testing.assert_array_equal(out5, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(224, 3, 2), (9, 5, 2), (8, 5, 2), (7, 3, 1), (6, 1, 2)])
+def test_conv_same_equals_tf_padding_then_valid_conv(size, kernel, stride):
+    # The reference pads explicitly (tf_same_padding) and convolves without padding.
+    paddle.seed(0)
+    conv = Conv2DSame(4, 4, kernel, stride=stride, groups=4)
+    x = paddle.randn([2, 4, size, size])
+    top, bottom = tf_same_padding(size, kernel, stride)
+    ref = paddle.nn.functional.conv2d(
+        paddle.nn.functional.pad(x, [top, bottom, top, bottom], data_format="NCHW"),
+        conv.weight, stride=stride, groups=4)
+    np.testing.assert_allclose(conv(x).numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_round_filters_and_repeats():

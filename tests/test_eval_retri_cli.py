@@ -197,3 +197,64 @@ def test_cli_as_a_script(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == official_table(text, image) + "\n" and res.stderr == ""
+
+
+def test_collapsed_embeddings_print_the_official_table_and_warn_with_both_in_json(tmp_path, capsys):
+    n = 20
+    text = np.tile(embeddings(1, seed=6)[0], (n, 1))  # every row identical: all scores tie
+    image = np.tile(embeddings(1, seed=7)[1], (n, 1))
+    out_file = tmp_path / "emb.out"
+    write_embeddings(out_file, text, image, np.arange(1, n + 1), sidecar=False)
+    code, out, err = run(capsys, out_file, "--json", tmp_path / "r.json")
+    assert code == 0
+    assert out == official_table(text, image) + "\n"  # still the official (optimistic) table
+    assert out.splitlines()[2].split("|")[2].strip() == "100.00"
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and err.count("\n") == 1
+    assert "R@1" in warnings[0] and "pessimistic" in warnings[0]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["table_percent"]["Text2Image"]["R@1"] == 100.0  # the old keys: the printed ones
+    # ties against the query: each of the n queries has n - 1 tied wrong candidates, rank n - 1
+    for name in ("Text2Image", "Image2Text", "MeanRecall"):
+        assert result["pessimistic"]["table_percent"][name] == {
+            "R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "meanRecall": 0.0}
+
+
+def test_distinct_embeddings_give_no_tie_warning_and_equal_tables(tmp_path, capsys):
+    text, image = embeddings(30, seed=8)
+    out_file = tmp_path / "emb.out"
+    write_embeddings(out_file, text, image, sidecar=False)
+    code, out, err = run(capsys, out_file, "--json", tmp_path / "r.json")
+    assert code == 0 and err == ""
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["pessimistic"]["recall"] == result["recall"]
+
+
+def test_multi_caption_tsv_with_more_lines_than_the_embeddings_is_an_error(tmp_path, capsys):
+    ids = ["img%d" % (i // 2) for i in range(12)]
+    text, image = embeddings(10, seed=9)
+    tsv = tmp_path / "test.tsv"
+    write_tsv(tsv, ids, bom=False, crlf=False)  # 12 lines: not the TSV of these 10 embeddings
+    out_file = tmp_path / "emb.out"
+    write_embeddings(out_file, text, image, np.arange(1, 11), sidecar=False)
+    code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--tsv", tsv)
+    assert (code, out) == (2, "")
+    assert err == (f"eval_retri.py: error: {tsv}:11: is a data line, but the embeddings file "
+                   "(10 lines) refers to none after line 10: is this the TSV the embeddings were "
+                   "made from?\n")
+    # lines skipped in the middle (skip_bad_lines) are no error
+    keep = [0, 1, 2, 4, 5, 6, 7, 8, 9, 11]
+    write_embeddings(out_file, text, image, np.array(keep) + 1, sidecar=False)
+    code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--tsv", tsv)
+    assert (code, out) == (0, multi_caption_table(text, image, [ids[i] for i in keep])), err
+
+
+def test_duplicate_line_numbers_are_an_error_naming_the_line(tmp_path, capsys):
+    tsv = tmp_path / "test.tsv"
+    write_tsv(tsv, ["a", "a", "b", "c"], bom=False, crlf=False)
+    out_file = tmp_path / "emb.out"
+    write_embeddings(out_file, *embeddings(4, seed=10), [1, 2, 4, 2], sidecar=False)
+    code, out, err = run(capsys, out_file, "--protocol", "multi-caption", "--tsv", tsv)
+    assert (code, out) == (2, "")
+    assert err == (f"eval_retri.py: error: {out_file}:4: column 3 says input line 2, like line 2: "
+                   "each input line is embedded once\n")

@@ -124,10 +124,10 @@ def test_export_cli_writes_a_verified_export(tmp_path):
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     out = tmp_path / "exp"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "export_model.py"), str(path),
-                        "infer_batch_size=4", "--out", str(out), "--verify"],
+                        "infer_batch_size=4", "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    diffs = read_export_meta(out)["verified_max_abs_diff"]
+    diffs = read_export_meta(out)["verified_max_abs_diff"]  # verified by default
     assert set(diffs) == {"image", "text"} and max(diffs.values()) <= ATOL
 
 
@@ -151,6 +151,100 @@ def test_onnx_export_matches_eager(exported, tmp_path):
         ids[:, 0] = 1
         np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0],
                                    eager(model, "encode_text", ids), atol=ATOL, rtol=0)
+
+
+# Small towers of every type: ViT; EfficientNet Lite-style (ReLU6, no squeeze-excite) and B-style
+# (swish, squeeze-excite), both with TF "same" padding on stride-2 convolutions: 34 -> 17 pads
+# (0, 1) in the stem, 17 -> 9 pads (2, 2) in the 5x5 depthwise convolution.
+TINY_STAGES = [[1, 3, 1, 8, 1, 0.25], [6, 5, 2, 16, 1, 0.25], [6, 3, 2, 24, 1, 0.25]]
+TOWERS = {
+    "vit": None,  # tiny_config's
+    "efficientnet_lite": {"type": "efficientnet", "name": "lite0", "image_size": 34,
+                          "stages": TINY_STAGES},
+    "efficientnet_b": {"type": "efficientnet", "name": "b0", "image_size": 34,
+                       "width_coefficient": 0.5, "stages": TINY_STAGES},
+}
+
+
+def _onnx_modules():
+    pytest.importorskip("paddle2onnx", reason="paddle2onnx is optional (pip install paddle2onnx onnxruntime)")
+    return pytest.importorskip("onnxruntime")
+
+
+def _config(tmp_path, tower="vit"):
+    over = {"image_model": TOWERS[tower]} if TOWERS[tower] else {}
+    return load_config(None, tiny_config(tmp_path, **over).items())
+
+
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_onnx_export_of_every_tower_type_is_verified_and_matches(tower, tmp_path):
+    ort = _onnx_modules()
+    cfg = _config(tmp_path, tower)
+    out = tmp_path / "export"
+    meta = export_from_config(cfg, str(out), onnx=True)
+    diffs = meta["verified_max_abs_diff"]
+    assert set(diffs) == {"image", "text", "image_onnx", "text_onnx"}
+    assert max(diffs.values()) <= ATOL and read_export_meta(out)["onnx"]["image"] == "image.onnx"
+    # Independently of verify_export: other pixels, another batch size, against the eager model.
+    model = create_model_and_transforms(cfg)[0]
+    size = meta["image"]["image_size"]
+    pixels = np.random.default_rng(5).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
+    sess = ort.InferenceSession(str(out / "image.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"images": pixels})[0],
+                               eager(model, "encode_image", pixels), atol=ATOL, rtol=0)
+
+
+def _export_files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_failed_onnx_conversion_leaves_no_listed_onnx_file(tmp_path, monkeypatch):
+    _onnx_modules()
+    import ernievil2.export as export
+    real = export.verify_export
+
+    def onnx_off_by_half(model, export_dir, formats=("paddle", "onnx"), **kw):
+        diffs = real(model, export_dir, formats, **kw)
+        return {k: v + 0.5 if k.endswith("_onnx") else v for k, v in diffs.items()}
+
+    monkeypatch.setattr(export, "verify_export", onnx_off_by_half)
+    out = tmp_path / "export"
+    with pytest.raises(ExportError) as err:
+        export_from_config(_config(tmp_path), str(out), onnx=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{out}: the ONNX towers differ") and "image_onnx" in msg
+    meta = read_export_meta(out)  # the Paddle export stays, verified, without the ONNX entry
+    assert "onnx" not in meta and set(meta["verified_max_abs_diff"]) == {"image", "text"}
+    assert not [n for n in _export_files(out) if n.endswith(".onnx")]
+
+
+def test_an_onnx_conversion_that_raises_leaves_no_onnx_file(tmp_path, monkeypatch):
+    _onnx_modules()
+    import paddle2onnx
+
+    def half_written(model_file, params_file, save_file, **kw):
+        open(save_file, "wb").write(b"partial")
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(paddle2onnx, "export", half_written)
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        export_from_config(_config(tmp_path), str(out), onnx=True)
+    assert "onnx" not in read_export_meta(out) and not (out / "image.onnx").exists()
+
+
+def test_a_failed_paddle_export_is_removed_whole(tmp_path, monkeypatch):
+    import ernievil2.export as export
+    real = export.verify_export
+    monkeypatch.setattr(export, "verify_export", lambda model, d, formats=("paddle", "onnx"), **kw: {
+        k: float("nan") if k == "image" else v for k, v in real(model, d, formats, **kw).items()})
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not the export's: stays
+    with pytest.raises(ExportError, match=r"the exported towers differ .*image max \|diff\| nan.*"
+                                          r"the export was removed"):
+        export_from_config(_config(tmp_path), str(out))
+    assert _export_files(out) == ["notes.txt"]
 
 
 def _cpu_has_bf16():

@@ -162,7 +162,8 @@ def test_merge_accepts_exactly_the_lines_of_the_file_not_skipped(tmp_path):
     _fake_part(tsv, out, "r1", 0, [1, 3, 5])
     _fake_part(tsv, out, "r1", 1, [4], skipped=[2])
     text, _, lines, skipped = merge_parts(out, "r1", 2, str(tsv))
-    assert lines.tolist() == [1, 3, 4, 5] and skipped == [2]
+    assert lines.tolist() == [1, 3, 4, 5] and skipped.line_numbers == [2]
+    assert skipped.details() == [f"{tsv}:2: bad"]
     assert text[:, 0].tolist() == [0, 0, 1, 0]  # rows follow their line numbers
     assert not list(tmp_path.glob("*.part-*"))
     for parts, problem in (([[1, 3, 5], [4]], r"hold 4 line\(s\) .* expected 5; missing lines 2"),
@@ -243,3 +244,87 @@ def test_two_concurrent_runs_on_one_output(tmp_path):
     np.testing.assert_allclose(both.text, single.text, atol=1e-6)
     np.testing.assert_allclose(both.image, single.image, atol=1e-6)
     assert not os.path.exists(lock) and not list((tmp_path / "a" / "out").glob("*part*"))
+
+
+def _add_long_image_line(cfg):
+    """Line 4: a legal 1 x 100,000 PNG (100,000 pixels; resized, it would be 32 x 3.2 M)."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", np.full((1, 100_000, 3), 90, np.uint8))
+    assert ok
+    lines = open(cfg["test_file"], encoding="utf-8").read().splitlines()
+    lines.insert(3, tsv_line("a very long image", "long", png.tobytes()))
+    open(cfg["test_file"], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def restore_pixel_limit(monkeypatch):
+    from ernievil2 import transforms
+
+    monkeypatch.setattr(transforms, "_max_image_pixels", transforms.get_max_image_pixels())
+
+
+def test_an_image_over_max_image_pixels_is_a_bad_line_skipped_by_run_infer_sh(tmp_path):
+    path, cfg = write_cfg(tmp_path)
+    _add_long_image_line(cfg)
+    r = subprocess.run(["bash", str(ROOT / "run_infer.sh"), "0", path, "max_image_pixels=50000",
+                        "skip_bad_lines=true"],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+                                                            "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_embeddings(cfg["output_file"]).line_numbers.tolist() == [1, 2, 3, 5, 6, 7, 8, 9]
+    log = open(tmp_path / "log" / "infer.log", encoding="utf-8").read()
+    assert (f"{cfg['test_file']}:4: undecodable image: image of 100000x1 = 100,000 pixels is over "
+            "the limit of 50,000 pixels (max_image_pixels)") in log
+
+
+def test_max_image_pixels_stops_a_strict_run_and_null_lifts_it(tmp_path, restore_pixel_limit):
+    path, cfg = write_cfg(tmp_path, max_image_pixels=99_999)
+    _add_long_image_line(cfg)
+    with pytest.raises(DataError, match=r"test\.tsv:4: .* over the limit of 99,999 pixels"):
+        run(load_config(path))
+    assert not os.path.exists(cfg["output_file"])
+    run(load_config(path, ["max_image_pixels=null"]))  # the long image itself is harmless
+    assert read_embeddings(cfg["output_file"]).line_numbers.tolist() == list(range(1, 10))
+
+
+def test_max_image_pixels_default_is_the_decoders(tmp_path):
+    from ernievil2.transforms import DEFAULT_MAX_IMAGE_PIXELS
+
+    path, _ = write_cfg(tmp_path)
+    assert load_config(path).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        load_config(path, ["max_image_pixels=0"])
+
+
+def test_skip_bad_lines_logs_every_skipped_line_with_its_reason(tmp_path, capsys):
+    path, cfg = write_cfg(tmp_path, skip_bad_lines=True)
+    lines = open(cfg["test_file"], encoding="utf-8").read().splitlines()
+    bad = {2: "x\tid\tnot*base64", 4: "x\tid", 5: "\tid\tQUJD", 6: "x\tid\tQUJD",
+           8: "x\tid\t" + "A" * 5, 9: "x\tid\tnot*base64", 10: "x\tid\tQUJD"}
+    for n in sorted(bad):
+        lines.insert(n - 1, bad[n])
+    open(cfg["test_file"], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    run(load_config(path))
+    assert read_embeddings(cfg["output_file"]).line_numbers.tolist() == [1, 3, 7, 11, 12, 13, 14, 15]
+    log = open(tmp_path / "log" / "infer.log", encoding="utf-8").read()
+    listed = [line.split("skipped ", 1)[1] for line in log.splitlines() if " skipped /" in line]
+    assert [int(x.split(":")[1]) for x in listed] == sorted(bad)  # every line, in line order
+    assert all(x.startswith(f"{cfg['test_file']}:") and len(x.split(": ", 1)[1]) > 5 for x in listed)
+    assert f"{cfg['test_file']}:4: expected 3 to 5 tab-separated columns" in log
+    console = capsys.readouterr().err
+    assert "skipped 7 bad line(s): lines 2, 4, 5, 6, 8 (+2 more)" in console
+    assert "infer.log" in console and f"{cfg['test_file']}:10:" not in console
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "\ufeff\n"])
+def test_an_empty_tsv_is_an_error_not_an_empty_output(tmp_path, content):
+    from ernievil2.cli import user_error_line
+
+    path, cfg = write_cfg(tmp_path)
+    open(cfg["test_file"], "w", encoding="utf-8").write(content)
+    with pytest.raises(DataError) as e:
+        run(load_config(path))
+    assert user_error_line(e.value) == (f"error: {cfg['test_file']}: no data lines (the file is "
+                                        "empty): nothing to embed")
+    assert not os.path.exists(cfg["output_file"])

@@ -1,11 +1,16 @@
 """Names of published files: registry, cache paths, name -> path resolution for config keys, and
 the layouts the base entries are checked against (without allocating a model)."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import paddle
 import pytest
 
 from ernievil2 import pretrained
+from ernievil2.cli import load_infer_config, load_train_config, user_error_line
 from ernievil2.config import ConfigError
 from ernievil2.download import expected_layout
 from ernievil2.models.efficientnet import build_efficientnet
@@ -101,3 +106,49 @@ def test_timm_lite0_names_cover_the_model():
     assert names["blocks.6.0.conv_dw.weight"] == "blocks.15.depthwise_conv.weight"
     assert names["bn1.running_mean"] == "bn_stem._mean" and names["bn2.weight"] == "bn_head.weight"
     assert names["classifier.weight"] == "classifier.weight"
+
+
+def _cache_file(home, name, content=b"x"):
+    path = home / "pretrained" / (name + pretrained.REGISTRY[name].ext)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_config_keys_resolve_downloaded_names_from_the_cache(home, tmp_path):
+    vocab = _cache_file(home, "ernie-3.0-base-zh-vocab", "[PAD]\n".encode())
+    tower = _cache_file(home, "efficientnet-lite0-imagenet")
+    cfg = load_infer_config(None, ["vocab_file=ernie-3.0-base-zh-vocab"], quiet=True)
+    assert cfg.vocab_file == vocab
+    train = load_train_config(None, ["vocab_file=ernie-3.0-base-zh-vocab",
+                                     "init_image_tower=efficientnet-lite0-imagenet"])
+    assert (train.vocab_file, train.init_image_tower) == (vocab, tower)
+    # Paths, missing paths and empty values stay as given (a later "not found" names the path).
+    cfg = load_infer_config(None, ["vocab_file=./no/such/vocab.txt", "init_from_params="], quiet=True)
+    assert (cfg.vocab_file, cfg.init_from_params) == ("./no/such/vocab.txt", "")
+    (tmp_path / "ernie-vil2-base-vit").write_bytes(b"mine")  # an existing file wins over the name
+    cfg = load_infer_config(None, [f"init_from_params={tmp_path / 'ernie-vil2-base-vit'}"], quiet=True)
+    assert cfg.init_from_params == str(tmp_path / "ernie-vil2-base-vit")
+
+
+def test_a_config_naming_a_missing_download_fails_with_the_fetch_command(home, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("init_from_params: ernie-vil2-base-vit\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError) as err:
+        load_infer_config(str(yaml_file), quiet=True)
+    line = user_error_line(err.value)
+    assert line == ("error: ernie-vil2-base-vit is not downloaded: run `ernievil2-download "
+                    "ernie-vil2-base-vit` (or python tools/download.py ernie-vil2-base-vit)")
+    with pytest.raises(ConfigError, match="is a weights download, not a vocab one"):
+        load_infer_config(None, ["vocab_file=ernie-vil2-base-vit"], quiet=True)
+
+
+def test_reading_a_config_with_names_does_not_import_paddle(home):
+    _cache_file(home, "ernie-3.0-base-zh-vocab")
+    code = ("import sys; from ernievil2.cli import load_infer_config; "
+            "cfg = load_infer_config(None, ['vocab_file=ernie-3.0-base-zh-vocab'], quiet=True); "
+            "print(cfg.vocab_file.endswith('.txt'), 'paddle' in sys.modules)")
+    packages = Path(__file__).resolve().parents[1] / "packages"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(packages)}).stdout
+    assert out.split() == ["True", "False"]

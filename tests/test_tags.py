@@ -101,6 +101,36 @@ def test_classifier_transform_shape_and_range():
     assert -1.0 <= x.min() and x.max() <= 1.0
 
 
+@pytest.mark.parametrize("h, w", [(1, 3001), (3001, 1), (2, 777), (777, 3), (13, 29)])
+def test_classifier_transform_of_long_images_equals_pillow_resize_then_crop(h, w):
+    Image = pytest.importorskip("PIL.Image")
+    img = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    resize, crop = 16, 12  # small, so that Pillow can resize the whole image
+    size = (resize, round(h * resize / w)) if w <= h else (round(w * resize / h), resize)
+    full = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+    want = (full[top:top + crop, left:left + crop].astype(np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_array_equal(classifier_transform(img, resize, crop), want.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("h, w", [(1, 100_000), (100_000, 1)])
+def test_classifier_transform_of_a_1x100000_image_stays_small(h, w):
+    import tracemalloc
+
+    img = np.zeros((h, w, 3), np.uint8)
+    img[...] = (255, 0, 51)
+    tracemalloc.start()
+    try:
+        x = classifier_transform(img)  # the whole resize would be 256 x 25,600,000 pixels
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert x.shape == (3, 224, 224)
+    want = (np.array([255, 0, 51], np.float32) / 255 - 0.5) / 0.5  # a plain colour stays plain
+    np.testing.assert_allclose(x, np.broadcast_to(want[:, None, None], x.shape), atol=1e-6)
+
+
 # --- the TSV tool with a small random classifier (no ../shared) -----------------------------------
 
 CLASSES = ["apple", "ball", "cat", "dog", "egg", "fish"]

@@ -151,6 +151,14 @@ BAD_LINES = {
     "empty label": (b"caption\timg\tQUJD\ttags\t", "empty label"),
     "invalid UTF-8": (b"caf\xc3\x28\timg\tQUJD", "invalid UTF-8 at byte 3"),
     "empty line in the middle": (b"", "empty line in the middle"),
+    "control characters only": ("\x00\u200b\x07 \u202e\timg\tQUJD".encode(),
+                                "text (column 1) is only control or invisible characters"),
+    "a tab in the caption": (f"a red\tcircle\timg2\t{png_b64(2)}".encode(),
+                             "4 columns where 3 are expected: a tab inside the caption? "
+                             "(column 4, not 3, holds what looks like the base64 image)"),
+    "a tab in the caption of a tags file": (
+        f"a\tred\tcircle\timg2\t{png_b64(2)}\tcircle".encode(),
+        "6 columns where 4 are expected: a tab inside the caption? (column 5, not 3"),
 }
 
 
@@ -163,6 +171,13 @@ def test_bad_line_raises_with_file_and_line(tmp_path, kind):
     assert str(info.value).startswith(f"{path}:2: ")
     assert problem in str(info.value)
     assert (info.value.path, info.value.line_no) == (path, 2)
+
+
+def test_captions_with_a_word_and_tags_columns_are_not_mistaken_for_bad_lines(tmp_path):
+    lines = ["\u200b\x00猫", f"x\timg\t{png_b64(1)}\t{'A' * 80}\tlabel", "_", "°"]
+    lines = [line if "\t" in line else f"{line}\timg\t{png_b64(1)}" for line in lines]
+    path = write_tsv(tmp_path, lines)
+    assert [r.text for r in iter_records(path)] == ["\u200b\x00猫", "x", "_", "°"]
 
 
 def test_corrupt_base64_names_file_and_line(tmp_path):

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coco-cn", parents=common, formatter_class=fmt, help="COCO-CN (li-xirong/coco-cn)",
                        description="""COCO-CN (github.com/li-xirong/coco-cn, coco-cn-version1805v1.1):
   COCO_CN_DIR holds coco-cn_{train,val,test}.txt (one id a line, e.g. COCO_val2014_000000123456)
-  and imageid.human-written-caption.txt / imageid.manually-translated-caption.txt, lines
-  'COCO_val2014_000000123456#0<TAB>sentence'.
+  and imageid.human-written-caption.txt ('COCO_val2014_000000123456#0<TAB>sentence' lines) /
+  imageid.manually-translated-caption.txt ('COCO_val2014_000000123456#zhm#0 sentence').
   COCO_IMAGES is the MS-COCO root with train2014/ and val2014/ (COCO_*.jpg); train2017/ and
   val2017/ (000000123456.jpg) are found too.
 The ERNIE-ViL 2.0 COCO-CN test set is --split test with the human-written sentences: 1,000
@@ -110,7 +110,8 @@ Test set: flickr30kzhmbosontest (human translations, 1,000 images x 5).""" + COM
   ANNOTATIONS.json is caption_{train,validation}_annotations_2017xxxx.json, a JSON list of
       {"url": ..., "image_id": "<sha1>.jpg", "caption": [5 sentences]}
   IMAGES_DIR is caption_{train,validation}_images_2017xxxx/. The id written is the file stem.
-Sentences with line breaks are cleaned, empty ones skipped (both counted). With 5 captions per
+Newlines inside a sentence are deleted (as the official baseline does), other tabs/line breaks
+become spaces, empty sentences are skipped (all counted). With 5 captions per
 image the official eval_retri.py counts an image's other captions as misses in Image2Text
 (ERNIE #898); --one-per-image gives a 1:1 file.""" + COMMON_HELP)
     p.add_argument("annotations", metavar="ANNOTATIONS.json")

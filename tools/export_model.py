@@ -1,14 +1,16 @@
 """Export a model for deployment: Paddle Inference models (json + pdiparams) of both towers, the
 vocab, encoder.json and a standalone encoder (deploy_encoder.py), optionally ONNX as well.
 
-  python tools/export_model.py CONFIG.yaml [key=value ...] --out DIR [--onnx] [--verify]
+  python tools/export_model.py CONFIG.yaml [key=value ...] --out DIR [--onnx] [--no-verify]
 
 The config's model keys and `init_from_params` pick the model (factory.create_model), as for
 run_infer.sh. Then:
   python DIR/deploy_encoder.py DIR --text "一只狗" --image dog.jpg     (no repository needed)
 or `execution: inference` with `export_dir: DIR` in a run_infer.sh config. --onnx needs the
-optional paddle2onnx (pip install paddle2onnx onnxruntime). --verify compares the exported towers
-(and the ONNX ones) with the eager model on random inputs and records the differences.
+optional paddle2onnx (pip install paddle2onnx onnxruntime). The exported towers (and the ONNX
+ones) are compared with the eager model on random inputs and the differences recorded in
+encoder.json; a failed export is removed (a failed ONNX conversion: its files only), with an error.
+--no-verify skips the check.
 """
 import argparse
 import json
@@ -22,8 +24,6 @@ from ernievil2.cli import load_infer_config, run_main  # noqa: E402
 from ernievil2.device import select_device  # noqa: E402
 from ernievil2.export import ONNX_OPSET, export_from_config  # noqa: E402
 
-VERIFY_TOLERANCE = 1e-5  # fp32: exported and eager agree to rounding
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +32,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="export folder (created; an old export is replaced)")
     p.add_argument("--onnx", action="store_true", help="also write image.onnx and text.onnx (paddle2onnx)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset (default %(default)s)")
-    p.add_argument("--verify", action="store_true", help="check exported vs eager outputs")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the check of exported vs eager outputs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_infer_config(args.config, args.overrides)
@@ -41,11 +42,7 @@ def main(argv=None):
     files = sorted(os.listdir(args.out))
     print(f"exported to {args.out}: {', '.join(files)}")
     if args.verify:
-        diffs = meta["verified_max_abs_diff"]
-        print("max |exported - eager|: " + json.dumps(diffs))
-        if max(diffs.values()) > VERIFY_TOLERANCE:
-            print(f"FAILED: a difference exceeds {VERIFY_TOLERANCE}", file=sys.stderr)
-            return 1
+        print("max |exported - eager|: " + json.dumps(meta["verified_max_abs_diff"]))
     return 0
 
 

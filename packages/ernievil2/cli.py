@@ -94,6 +94,11 @@ def run_main(main, argv=None):
     """Call main(argv); an expected user error prints one line and exits 1."""
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        # training handles SIGINT itself (it saves a checkpoint); anything else stops here
+        print("interrupted (Ctrl-C): nothing was written under the final names", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
     except Exception as e:
         line = user_error_line(e)
         if line is None:

@@ -19,6 +19,12 @@ Protocols:
                  column 3 is the official constant 1, line i is TSV line i) or from --image-ids
                  (one id per line, line i for embedding line i).
 
+Ties: the printed table counts a tied wrong candidate in the query's favour, as the official does
+("optimistic"). The same pass also counts ties against the query ("pessimistic"); when the two R@1
+differ by more than 1 point (collapsed embeddings score 100 optimistically) a one-line warning goes
+to stderr, and --json holds both tables ("recall" / "table_percent" are the printed, optimistic
+ones; "pessimistic" has "recall" and "table_percent" with ties counted against the query).
+
 Scores are computed a block of rows at a time (never the N x N matrix). A binary sidecar
 OUT_FILE.npz, when present and matching OUT_FILE's bytes, is loaded instead of parsing the text.
 This module is the command's entry point (eval_retri.py calls main); the library never imports it.
@@ -32,7 +38,8 @@ import warnings
 from .data.tsv import DataError, image_ids_from_tsv, read_id_list
 from .embeddings import read_embeddings, write_sidecar
 from .fileio import write_text
-from .metrics.retrieval import format_table, multi_caption_recall, official_recall, percent_table
+from .metrics.retrieval import (format_table, multi_caption_recall_both, official_recall_both,
+                                percent_table, tie_warning)
 
 PROG = "eval_retri.py"
 
@@ -60,17 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args) -> tuple[dict, dict]:
+    """Returns ({"optimistic": rows, "pessimistic": rows}, info)."""
     emb = read_embeddings(args.out_file, use_sidecar=not args.no_sidecar, workers=args.workers)
     if args.write_sidecar and emb.source == "text":
         write_sidecar(args.out_file, emb)
     info = {"embeddings": os.path.abspath(args.out_file), "protocol": args.protocol,
             "num_lines": emb.num_lines, "dim": emb.dim, "loaded_from": emb.source}
     if args.protocol == "official":
-        rows = official_recall(emb.text, emb.image, chunk_size=args.chunk_size)
+        both = official_recall_both(emb.text, emb.image, chunk_size=args.chunk_size)
         info.update(num_texts=emb.num_lines, num_images=emb.num_lines)
-        return rows, info
+        return both, info
     if args.tsv:
         line_numbers = None if emb.has_official_ids else emb.line_numbers
+        if line_numbers is not None:
+            emb.check_line_numbers(args.out_file)
         ids = image_ids_from_tsv(args.tsv, line_numbers, emb.num_lines)
         info["tsv"] = os.path.abspath(args.tsv)
     else:
@@ -79,9 +89,9 @@ def evaluate(args) -> tuple[dict, dict]:
             raise DataError(args.image_ids, None, f"has {len(ids)} ids but the embeddings file has "
                             f"{emb.num_lines} lines")
         info["image_ids"] = os.path.abspath(args.image_ids)
-    rows = multi_caption_recall(emb.text, emb.image, ids, chunk_size=args.chunk_size)
+    both = multi_caption_recall_both(emb.text, emb.image, ids, chunk_size=args.chunk_size)
     info.update(num_texts=emb.num_lines, num_images=len(set(ids)))
-    return rows, info
+    return both, info
 
 
 def main(argv=None) -> int:
@@ -94,15 +104,21 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows, info = evaluate(args)
+            both, info = evaluate(args)
         for w in caught:
             print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        tied = tie_warning(both)
+        if tied:
+            print(f"{PROG}: warning: {tied}", file=sys.stderr)
+        rows, worst = both["optimistic"], both["pessimistic"]
+        print(format_table(rows))
+        if args.json:  # a full disk leaves no file and one error line naming it
+            write_text(args.json, json.dumps({**info, "recall": rows,
+                                              "table_percent": percent_table(rows),
+                                              "pessimistic": {"recall": worst,
+                                                              "table_percent": percent_table(worst)}},
+                                             indent=2, ensure_ascii=False) + "\n")
     except (OSError, ValueError) as e:  # DataError and EmbeddingFormatError are ValueErrors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows))
-    if args.json:
-        write_text(args.json, json.dumps({**info, "recall": rows,
-                                          "table_percent": percent_table(rows)},
-                                         indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -8,7 +8,10 @@ of deploy_encoder.py and the modules it imports (DEPLOY_FILES), so that the fold
 own without this repository. Optionally `TOWER.onnx` through paddle2onnx (an optional
 dependency: `pip install paddle2onnx onnxruntime`).
 
-`encoder.json` is written last: a folder without it is an unfinished export.
+`encoder.json` is written last: a folder without it is an unfinished export. Every export is
+verified against the eager model by default (verify_export); one that disagrees is not left in
+place: a failed Paddle export is removed whole, a failed ONNX conversion loses its ONNX files and
+their encoder.json entry (the verified Paddle export stays).
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import numpy as np
 import paddle
 
 from .config import ConfigError
-from .deploy_encoder import (EXPORT_FORMAT, FORMAT_VERSION, META_FILE, TOWERS, TowerPredictor,
-                             read_export_meta)
+from .deploy_encoder import (EXPORT_FORMAT, FORMAT_VERSION, META_FILE, TOWERS, ExportError,
+                             TowerPredictor, read_export_meta)
 from .distributed import barrier, get_rank, get_world_size
 from .embed import Towers, input_specs
 from .factory import create_model, encoder_settings, image_preprocess_spec
@@ -39,15 +42,16 @@ DEPLOY_FILES = ("deploy_encoder.py", "transforms.py", "tokenizer.py", "fileio.py
 VOCAB_NAME = "vocab.txt"
 CACHE_ENV = "ERNIEVIL2_EXPORT_CACHE"
 ONNX_OPSET = 17
+# Largest |exported - eager| a verified export may show on the L2-normalised embeddings. fp32 towers
+# agree to ~1e-6; a broken conversion is off by 1e-2 and more.
+VERIFY_TOLERANCE = 1e-4
 
 
 def export_model(model, out_dir, settings, vocab_file, source=None):
     """Trace and save both towers of an ErnieViL2 `model` into `out_dir`; `settings` are the
     preprocessing and tokenizer ones (factory.encoder_settings). Returns encoder.json's content."""
     os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, META_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the folder is unfinished until the new one is written
+    _remove_files(out_dir, [META_FILE])  # the folder is unfinished until the new one is written
     model.eval()
     specs = input_specs(settings["image"]["image_size"], settings["text"]["input_dtype"])
     for tower, fn in (("image", model.encode_image), ("text", model.encode_text)):
@@ -73,6 +77,30 @@ def export_model(model, out_dir, settings, vocab_file, source=None):
 
 def _write_meta(out_dir, meta):
     write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1, ensure_ascii=False))
+
+
+def _remove_files(folder, names):
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def remove_export(out_dir):
+    """Delete what export_model and export_onnx write (encoder.json first: from then on the folder
+    is no export); the folder itself goes too when nothing else is left in it."""
+    written = [f"{t}{ext}" for t in TOWERS for ext in (".json", ".pdiparams", ".onnx")]
+    _remove_files(out_dir, [META_FILE, *written, VOCAB_NAME, *DEPLOY_FILES])
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+
+
+def remove_onnx(out_dir):
+    """Delete the ONNX files and their encoder.json entry; the Paddle export stays usable."""
+    meta = read_export_meta(out_dir)
+    meta.pop("onnx", None)
+    _write_meta(out_dir, meta)
+    _remove_files(out_dir, [f"{t}.onnx" for t in TOWERS])
 
 
 def _sha256_file(path):
@@ -107,9 +135,10 @@ def config_fingerprint(cfg):
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
-    """Largest |exported - eager| per tower (and per ONNX tower, when there is one) on random
-    inputs: a batch of pixels, and ids of several lengths (row 0 padded after 4 tokens)."""
+def verify_export(model, export_dir, formats=("paddle", "onnx"), batch=3, seq_len=9, seed=0):
+    """Largest |exported - eager| per tower (`image`, `text`) and per ONNX tower (`image_onnx`,
+    `text_onnx`, when the export has them) on random inputs: a batch of pixels, and ids of
+    several lengths (row 0 padded after 4 tokens). `formats` picks which of the two to run."""
     meta = read_export_meta(export_dir)
     rng = np.random.default_rng(seed)
     size = meta["image"]["image_size"]
@@ -123,13 +152,20 @@ def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
     with paddle.no_grad():
         eager = {"image": model.encode_image(paddle.to_tensor(pixels)).numpy(),
                  "text": model.encode_text(paddle.to_tensor(ids)).numpy()}
+    # A GPU trace may hold GPU-only kernels: run it where it was traced.
+    device = "gpu" if paddle.device.get_device().startswith("gpu") else "cpu"
     diffs = {}
-    for tower in ("image", "text"):
-        pred = TowerPredictor(os.path.join(export_dir, meta[tower]["model"]),
-                              os.path.join(export_dir, meta[tower]["params"]))
-        diffs[tower] = float(np.abs(pred(inputs[tower]) - eager[tower]).max())
-        if "onnx" in meta:
-            import onnxruntime as ort
+    for tower in TOWERS:
+        if "paddle" in formats:
+            pred = TowerPredictor(os.path.join(export_dir, meta[tower]["model"]),
+                                  os.path.join(export_dir, meta[tower]["params"]), device=device)
+            diffs[tower] = float(np.abs(pred(inputs[tower]) - eager[tower]).max())
+        if "onnx" in formats and "onnx" in meta:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise ExportError("verifying the ONNX export needs onnxruntime: "
+                                  "pip install onnxruntime (or export with --no-verify)") from None
             sess = ort.InferenceSession(os.path.join(export_dir, meta["onnx"][tower]),
                                         providers=["CPUExecutionProvider"])
             out = sess.run(None, {sess.get_inputs()[0].name: inputs[tower]})[0]
@@ -137,21 +173,51 @@ def verify_export(model, export_dir, batch=3, seq_len=9, seed=0):
     return diffs
 
 
-def export_from_config(cfg, out_dir, onnx=False, opset=ONNX_OPSET, verify=False):
-    """Build the model of a run config (checkpoint loaded) and export it to `out_dir`; with
-    `verify`, record verify_export's differences in encoder.json (`verified_max_abs_diff`)."""
+def export_from_config(cfg, out_dir, onnx=False, opset=ONNX_OPSET, verify=True):
+    """Build the model of a run config (checkpoint loaded) and export it to `out_dir`, checked by
+    verify_export unless `verify` is false: the differences go into encoder.json
+    (`verified_max_abs_diff`). Nothing failed is left in place: an error or a difference above
+    VERIFY_TOLERANCE removes the whole export when it is the Paddle one (ExportError), the ONNX
+    files and their encoder.json entry when it is the ONNX conversion."""
     model = create_model(cfg)
     source = {"fingerprint": config_fingerprint(cfg), "init_from_params": cfg.init_from_params,
               "seed": cfg.seed, "image_model": cfg.image_model,
               "text_model_config": cfg.text_model_config}
-    meta = export_model(model, out_dir, encoder_settings(cfg, model.embed_dim), cfg.vocab_file,
-                        source=source)
+    try:
+        meta = export_model(model, out_dir, encoder_settings(cfg, model.embed_dim), cfg.vocab_file,
+                            source=source)
+        if verify:
+            meta = _record_verified(model, out_dir, "paddle", "the export was removed")
+    except BaseException:
+        remove_export(out_dir)
+        raise
     if onnx:
-        meta = export_onnx(out_dir, opset=opset)
-    if verify:
-        meta["verified_max_abs_diff"] = verify_export(model, out_dir)
-        _write_meta(out_dir, meta)
+        try:
+            meta = export_onnx(out_dir, opset=opset)
+            if verify:
+                meta = _record_verified(model, out_dir, "onnx", "the ONNX files were removed, "
+                                        "the verified Paddle export is kept")
+        except BaseException:
+            remove_onnx(out_dir)
+            raise
     return meta
+
+
+def _record_verified(model, out_dir, fmt, removed):
+    diffs = verify_export(model, out_dir, formats=(fmt,))
+    failed = {t: d for t, d in diffs.items() if not d <= VERIFY_TOLERANCE}  # NaN fails too
+    if failed:
+        what = "ONNX towers" if fmt == "onnx" else "exported towers"
+        raise ExportError(f"{out_dir}: the {what} differ from the eager model ({_diff_text(failed)}; "
+                          f"tolerance {VERIFY_TOLERANCE:g}): {removed}")
+    meta = read_export_meta(out_dir)
+    meta["verified_max_abs_diff"] = {**meta.get("verified_max_abs_diff", {}), **diffs}
+    _write_meta(out_dir, meta)
+    return meta
+
+
+def _diff_text(diffs):
+    return ", ".join(f"{t} max |diff| {d:.3g}" for t, d in diffs.items())
 
 
 def export_onnx(export_dir, opset=ONNX_OPSET):
@@ -159,14 +225,14 @@ def export_onnx(export_dir, opset=ONNX_OPSET):
     try:
         import paddle2onnx
     except ImportError:
-        raise RuntimeError("ONNX export needs paddle2onnx, an optional dependency: "
-                           "pip install paddle2onnx onnxruntime") from None
+        raise ExportError("ONNX export needs paddle2onnx, an optional dependency: "
+                          "pip install paddle2onnx onnxruntime") from None
     # paddle2onnx's default optimiser (polygraphy) pip-installs packages at run time; onnxoptimizer
     # is its own dependency and needs no network.
     os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
     meta = read_export_meta(export_dir)
     names = {}
-    for tower in ("image", "text"):
+    for tower in TOWERS:
         out = os.path.join(export_dir, f"{tower}.onnx")
         if os.path.exists(out):
             os.remove(out)
@@ -174,7 +240,7 @@ def export_onnx(export_dir, opset=ONNX_OPSET):
                            os.path.join(export_dir, meta[tower]["params"]), out,
                            opset_version=opset, optimize_tool="onnxoptimizer")
         if not os.path.isfile(out):  # paddle2onnx logs conversion errors instead of raising
-            raise RuntimeError(f"paddle2onnx did not write {out}; see its log above")
+            raise ExportError(f"paddle2onnx did not write {out}; see its log above")
         names[tower] = os.path.basename(out)
     meta["onnx"] = {**names, "opset": opset, "paddle2onnx_version": paddle2onnx.__version__}
     _write_meta(export_dir, meta)

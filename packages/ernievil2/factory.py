@@ -167,6 +167,9 @@ def create_transforms(config=None, **overrides):
 
 def create_tokenizer(config=None, **overrides) -> ErnieTokenizer:
     cfg = as_config(config, **overrides)
+    if cfg.vocab_file == "auto":  # training's: the trainer replaces it with the vocab it builds
+        raise ConfigError("vocab_file: auto is built by run_train.sh (into output_dir/vocab.txt); "
+                          "embed with the vocab of a trained model (its final/infer.yaml names it)")
     return ErnieTokenizer.from_file(
         cfg.vocab_file, max_seq_len=cfg.max_text_seqlen, pad_token=cfg.pad_token,
         cls_token=cfg.cls_token, sep_token=cfg.sep_token, mask_token=cfg.mask_token)
@@ -179,11 +182,10 @@ def text_encoder(cfg, tokenizer) -> Callable:
     return encode_texts
 
 
-def check_vocab_fits(tokenizer, model, vocab_file):
-    rows = model.text_model.word_emb.weight.shape[0]
-    if tokenizer.vocab_size > rows:
-        raise ConfigError(f"{vocab_file}: the vocab has ids up to {tokenizer.vocab_size - 1} but the "
-                          f"text tower has {rows} embeddings (vocab_size in text_model_config)")
+def check_vocab_fits(tokenizer, model, vocab_file=None):
+    """A vocab whose ids exceed the text tower's embedding rows is a one-line VocabError (Paddle
+    would fail deep inside the lookup, or read past the table)."""
+    tokenizer.check_embedding_rows(model.text_model.word_emb.weight.shape[0])
 
 
 class ModelAndTransforms(NamedTuple):

@@ -4,6 +4,7 @@ both commands. INFER_KEYS are the official `ernie_vil_base.yaml` keys with their
 plus the project's own (model, reader, execution); TRAIN_KEYS are training's. The library knows
 the training keys only as names to leave alone: a run config given to the factory may hold them."""
 from .config import Key, is_bool, is_int, is_num, is_str, num_key, one_of, opt_int
+from .pretrained import IMAGE_TOWER, VOCAB, WEIGHTS, image_tower_path, names, vocab_path, weights_path
 from .resources import text_config_path
 
 OFFICIAL_KEYS = {
@@ -11,11 +12,11 @@ OFFICIAL_KEYS = {
     "device": Key("gpu", is_str, "gpu or cpu", "gpu (falls back to CPU, with a warning, where there is none); anything else = CPU"),
     "infer_batch_size": Key(10, is_int(1), "a positive int", "lines per batch and process"),
     "max_text_seqlen": Key(48, is_int(3), "an int >= 3", "text length in tokens, [CLS] and [SEP] included"),
-    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path", "vocab: `token\\tid` lines or one token a line"),
+    "vocab_file": Key("./packages/ernie_base_3.0/vocab.txt", is_str, "a path or a download name", f"vocab: `token\\tid` lines or one token a line; or a name fetched by `ernievil2-download NAME` ({', '.join(names(VOCAB))}); training also takes `auto`: a vocab of the training captions and tags, written to output_dir/vocab.txt (what the final infer.yaml names)", coerce=vocab_path),
     "text_model_config": Key("ernie-3.0-base-zh", is_str, "a path or a shipped name", "ERNIE json config of the text tower: a path, or a shipped name (ernie-3.0-base-zh, ernie-3.0-large-zh, ernie-2.0-base-en, ernie-2.0-large-en, ernie-demo-tiny, ernie-embed-mean)", coerce=text_config_path),
     "test_file": Key("", is_str, "a path", "TSV to embed: text \\t image_id \\t base64 image"),
     "output_file": Key("./test_out/cross_modal_embeddings.out", is_str, "a path", "embeddings output"),
-    "init_from_params": Key("", is_str, "a path or empty", "checkpoint (official or PaddleNLP layout); empty = random weights"),
+    "init_from_params": Key("", is_str, "a path, a download name or empty", f"checkpoint (official or PaddleNLP layout), or a name fetched by `ernievil2-download NAME` ({', '.join(names(WEIGHTS))}); empty = random weights", coerce=weights_path),
     "pad_token": Key(0, is_int(0), "an int", "id of [PAD]"),
     "cls_token": Key(1, is_int(0), "an int", "id of [CLS]"),
     "sep_token": Key(2, is_int(0), "an int", "id of [SEP]"),
@@ -33,6 +34,9 @@ PROJECT_KEYS = {
     "num_workers": Key(2, is_int(0), "an int >= 0", "image decode/preprocess worker threads per process (0 = inline)"),
     "prefetch": Key(4, is_int(1), "a positive int", "batches prepared ahead (bounded queue)"),
     "skip_bad_lines": Key(False, is_bool, "true or false", "skip bad input lines and report them, instead of stopping"),
+    "max_image_pixels": Key(89_478_485, opt_int, "null or a positive int",  # transforms.DEFAULT_MAX_IMAGE_PIXELS
+                            "images with more pixels are bad lines (decompression bombs; read from the file header "
+                            "before decoding); null = no limit of ours (OpenCV's own, 2^30 pixels, still applies)"),
     "amp": Key("none", one_of("none", "fp16", "bf16"), "none, fp16 or bf16", "mixed precision (GPU only; untested on CPU-only CI)"),
     "execution": Key("eager", one_of("eager", "to_static", "inference"), "eager, to_static or inference",
                      "eager; compiled with paddle.jit.to_static; or inference: the exported towers in "
@@ -109,8 +113,8 @@ TRAIN_KEYS = {
                     "second textual view: a masked/dropped copy, or another caption of the same image"),
     "text_mask_prob": num_key(0.15, "share of tokens masked or dropped in the text_aug view"),
     "augment": Key(True, is_bool, "true or false", "train-time image augmentation (else the eval transform)"),
-    "init_image_tower": Key("", is_str, "a path or empty", "an image-tower checkpoint (visual.* names), e.g. converted Lite0; "
-                            "with init_from_params too, the image tower comes from this one (a warning says so), the rest from init_from_params"),
+    "init_image_tower": Key("", is_str, "a path, a download name or empty", f"an image-tower checkpoint (visual.* names), e.g. converted Lite0, or a name fetched by `ernievil2-download NAME` ({', '.join(names(IMAGE_TOWER))}); "
+                            "with init_from_params too, the image tower comes from this one (a warning says so), the rest from init_from_params", coerce=image_tower_path),
     "grad_checkpointing": Key(False, is_bool, "true or false", "activation recompute in the towers"),
     "save_every": Key(500, is_int(1), "a positive int", "checkpoint every N steps (atomic)"),
     "save_every_minutes": num_key(0.0, "also checkpoint when N minutes have passed since the last one; 0 = off"),
@@ -121,5 +125,14 @@ TRAIN_KEYS = {
     "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir (an unreadable one falls back to the one before); "
                   "needs the checkpoint's model and batch keys and process count"),
     "overwrite": Key(False, is_bool, "true or false", "empty a used output_dir first (else a new run refuses one that is not empty)"),
+    "tag_classes": Key("", is_str, "a path or empty",
+                       "when the tags view needs tags and train_file has none, the trainer tags each image "
+                       "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "
+                       "efficientnet-lite0-imagenet download): their names from this class_index/wnid/"
+                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999)"),
+    "tag_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the tag_classes names"),
+    "embed_file": Key("", is_str, "empty, train or a path",
+                      "after training, embed this TSV with the final model into "
+                      "output_dir/final/embeddings.out (+ .npz); train = train_file; empty = none"),
 }
 

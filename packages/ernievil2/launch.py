@@ -23,6 +23,7 @@ import json
 import os
 import re
 import site
+import signal
 import subprocess
 import sys
 
@@ -221,7 +222,8 @@ def run_multi(command, devices, config, overrides, verbose):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=worker_env(log_dir, verbose))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
+
+        def relay():
             while True:
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
@@ -229,13 +231,20 @@ def run_multi(command, devices, config, overrides, verbose):
                 out.feed(decoder.decode(chunk))
             out.feed(decoder.decode(b"", final=True))
             out.close()
-            rc = proc.wait()
+            return proc.wait()
+
+        try:
+            rc = relay()
         except KeyboardInterrupt:
-            proc.wait()
+            # the workers got the signal too: training saves a checkpoint and says so; show it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            relay()
             return 130
     errors = read_errors(log_dir)
     if rc == 0 and not errors:
         return 0
+    if rc in (130, 143) and not errors:
+        return rc  # interrupted: each worker printed its own line
     if errors:
         first = errors[0]
         if not any(first["message"].strip() in line for line in out.shown):

@@ -4,6 +4,7 @@ import os
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FILE_ONLY = "file_only"  # logger.info(..., extra={FILE_ONLY: True}): the log file, not the console
 
 
 def setup_logging(log_dir=None, filename="run.log", rank=0, level=logging.INFO):
@@ -17,6 +18,7 @@ def setup_logging(log_dir=None, filename="run.log", rank=0, level=logging.INFO):
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(FORMAT if rank == 0 else f"[rank {rank}] " + FORMAT))
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     logger.addHandler(console)
     path = None
     if log_dir:

@@ -65,6 +65,11 @@ REGISTRY = {e.name: e for e in (
 )}
 
 
+def names(kind: str):
+    """The registered names of one kind (key docs and error messages list them)."""
+    return sorted(n for n, e in REGISTRY.items() if e.kind == kind)
+
+
 def home() -> str:
     return os.path.abspath(os.path.expanduser(
         os.environ.get(HOME_ENV) or os.path.join("~", ".cache", "ernievil2")))

@@ -118,15 +118,18 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _pillow_weights(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] fixed-point weights exactly as Pillow's precompute_coeffs + normalize_coeffs_8bpc
-    (antialiased: the filter is stretched by the scale when shrinking)."""
+def _pillow_weights(in_size: int, out_size: int, start: int = 0,
+                    stop: int | None = None) -> tuple[np.ndarray, int]:
+    """Fixed-point weights of outputs start..stop (default: all) exactly as Pillow's
+    precompute_coeffs + normalize_coeffs_8bpc (antialiased: the filter is stretched by the scale
+    when shrinking), as ([stop - start, hi - lo], lo) over the inputs lo..hi they read."""
+    stop = out_size if stop is None else stop
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = _BICUBIC_SUPPORT * filterscale
-    weights = np.zeros((out_size, in_size), np.float64)
     one = float(1 << _PRECISION_BITS)
-    for xx in range(out_size):
+    rows = []
+    for xx in range(start, stop):
         center = (xx + 0.5) * scale
         xmin = max(int(center - support + 0.5), 0)  # C casts truncate toward zero, like int()
         xmax = min(int(center + support + 0.5), in_size)
@@ -134,8 +137,12 @@ def _pillow_weights(in_size: int, out_size: int) -> np.ndarray:
         total = w.sum()
         if total != 0.0:
             w = w / total
-        weights[xx, xmin:xmax] = np.trunc(np.where(w < 0, w * one - 0.5, w * one + 0.5))
-    return weights
+        rows.append((xmin, np.trunc(np.where(w < 0, w * one - 0.5, w * one + 0.5))))
+    lo = min(xmin for xmin, _ in rows)
+    weights = np.zeros((len(rows), max(xmin + len(w) for xmin, w in rows) - lo), np.float64)
+    for r, (xmin, w) in enumerate(rows):
+        weights[r, xmin - lo:xmin - lo + len(w)] = w
+    return weights, lo
 
 
 def _pillow_pass(img: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
@@ -147,9 +154,15 @@ def _pillow_pass(img: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def pillow_bicubic_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize uint8 HxWxC to size=(width, height) as Pillow's Image.resize(size, BICUBIC):
-    horizontal pass first, uint8 in between, an unchanged axis is not resampled.
+def pillow_bicubic_resized_crop(img: np.ndarray, size: tuple[int, int],
+                                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The crop box=(left, top, right, bottom) (default: everything) of Pillow's
+    Image.resize(size, BICUBIC) of uint8 HxWxC, size=(width, height): horizontal pass first,
+    uint8 in between, an unchanged axis is not resampled.
+
+    Each output pixel depends only on its own filter window, so only the box's outputs, from the
+    input rows and columns under it, are computed: the cost follows the box, not the resized
+    image (a 1x100000 image resized to 256 px high would be 25.6 M pixels wide).
 
     Pillow 13 runs the vertical pass first when the height shrinks much more than the width;
     an aspect-preserving resize (all this module does) never does that, so it is not copied."""
@@ -158,25 +171,41 @@ def pillow_bicubic_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out_w, out_h = int(size[0]), int(size[1])
     if out_w < 1 or out_h < 1:
         raise ValueError(f"target size must be positive, got {size}")
+    left, top, right, bottom = (0, 0, out_w, out_h) if box is None else box
+    if not (0 <= left < right <= out_w and 0 <= top < bottom <= out_h):
+        raise ValueError(f"crop box {box} is not inside the {out_w}x{out_h} resized image")
     h, w = img.shape[:2]
-    if out_w != w:
-        img = _pillow_pass(img, _pillow_weights(w, out_w), axis=1)
     if out_h != h:
-        img = _pillow_pass(img, _pillow_weights(h, out_h), axis=0)
+        v_weights, y0 = _pillow_weights(h, out_h, top, bottom)
+        img = img[y0:y0 + v_weights.shape[1]]  # the rows the vertical pass reads
+    else:
+        img = img[top:bottom]
+    if out_w != w:
+        h_weights, x0 = _pillow_weights(w, out_w, left, right)
+        img = _pillow_pass(img[:, x0:x0 + h_weights.shape[1]], h_weights, axis=1)
+    else:
+        img = img[:, left:right]
+    if out_h != h:
+        img = _pillow_pass(img, v_weights, axis=0)
     return np.ascontiguousarray(img)
+
+
+def pillow_bicubic_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 HxWxC to size=(width, height) as Pillow's Image.resize(size, BICUBIC)."""
+    return pillow_bicubic_resized_crop(img, size)
 
 
 def classifier_transform(img: np.ndarray, resize: int = CLASSIFIER_RESIZE,
                          crop: int = CLASSIFIER_CROP) -> np.ndarray:
     """RGB uint8 HxWx3 -> float32 [3, crop, crop] as the reference Lite0 was evaluated: short
-    side to `resize` (long side rounded, Pillow bicubic), centre crop, (x/255 - 0.5)/0.5."""
+    side to `resize` (long side rounded, Pillow bicubic), centre crop, (x/255 - 0.5)/0.5. Only
+    the crop is resampled (pillow_bicubic_resized_crop), whatever the aspect ratio."""
     h, w = img.shape[:2]
     scale = resize / min(w, h)
     size = (resize, round(h * scale)) if w <= h else (round(w * scale), resize)
-    img = pillow_bicubic_resize(img, size)
-    h, w = img.shape[:2]
-    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
-    arr = img[top:top + crop, left:left + crop].astype(np.float32) / 255.0
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    img = pillow_bicubic_resized_crop(img, size, (left, top, left + crop, top + crop))
+    arr = img.astype(np.float32) / 255.0
     return np.ascontiguousarray(((arr - 0.5) / 0.5).transpose(2, 0, 1))
 
 

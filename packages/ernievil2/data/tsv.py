@@ -33,11 +33,16 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from ..tokenizer import is_blank_text
+
 UTF8_BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20  # 1 MiB reads for count_lines
+_WORD_CHAR = re.compile(r"[^\W_]")  # a letter or digit: the tokenizer always keeps it
+_BASE64_IMAGE = re.compile(r"[A-Za-z0-9+/]{64,}={0,2}")  # 48+ bytes: even tiny images are longer
 
 
 @dataclass
@@ -89,6 +94,10 @@ class SkipReport:
     @property
     def reasons(self) -> dict[int, str]:
         return dict(sorted(self.entries))
+
+    def details(self) -> list[str]:
+        """Every skipped line as ``FILE:LINE: problem``, in line order."""
+        return [f"{self.path}:{n}: {problem}" for n, problem in sorted(self.entries)]
 
     def __bool__(self) -> bool:  # "if report:" means "something was skipped"
         return bool(self.entries)
@@ -177,6 +186,13 @@ def _parse_line(path, line_no: int, raw: bytes, min_columns: int, max_columns: i
         raise DataError(path, line_no, f"invalid UTF-8 at byte {e.start} of the line") from None
     fields = [f.strip() for f in line.split("\t")]
     n = len(fields)
+    shifted = _image_column_shift(fields)
+    if shifted:
+        raise DataError(
+            path, line_no,
+            f"{n} columns where {n - shifted} are expected: a tab inside the caption? (column "
+            f"{3 + shifted}, not 3, holds what looks like the base64 image)",
+        )
     if not min_columns <= n <= max_columns:
         want = str(min_columns) if min_columns == max_columns else f"{min_columns} to {max_columns}"
         raise DataError(
@@ -190,6 +206,9 @@ def _parse_line(path, line_no: int, raw: bytes, min_columns: int, max_columns: i
         text, image_id, image_b64, rest = fields[0], fields[1], fields[2], fields[3:]
     if not text:
         raise DataError(path, line_no, "empty text (column 1)")
+    if not _WORD_CHAR.search(text) and is_blank_text(text):
+        raise DataError(path, line_no, "text (column 1) is only control or invisible characters: "
+                        "as empty as a caption of spaces")
     if not image_b64:
         raise DataError(path, line_no, f"empty image field (column {2 if n == 2 else 3})")
     tags = rest[0] if len(rest) >= 1 else None
@@ -197,6 +216,19 @@ def _parse_line(path, line_no: int, raw: bytes, min_columns: int, max_columns: i
     if label == "":
         raise DataError(path, line_no, "empty label (column 5)")
     return Record(line_no, text, image_id, image_b64, tags, label)
+
+
+def _looks_like_image(field_: str) -> bool:
+    return len(field_) >= 64 and _BASE64_IMAGE.fullmatch(field_) is not None
+
+
+def _image_column_shift(fields: list[str]) -> int:
+    """How many columns right of column 3 the base64 image sits (a tab in the caption moves it);
+    0 when column 3 looks like an image or no later column does."""
+    if len(fields) < 4 or _looks_like_image(fields[2]):
+        return 0
+    later = [k for k in range(3, len(fields)) if _looks_like_image(fields[k])]
+    return later[0] - 2 if later else 0
 
 
 def _check_sharding(rank: int, world_size: int) -> None:
@@ -376,7 +408,10 @@ def image_ids_from_tsv(tsv_path, line_numbers, num_lines: int) -> list[str]:
     ids: dict[int, str] = {}  # line number -> image id
     for line_no, _, raw in index_lines(tsv_path):
         if wanted is not None and line_no > wanted:
-            break
+            # lines skipped in the middle leave gaps, but no run leaves out the file's end
+            raise DataError(tsv_path, line_no, f"is a data line, but the embeddings file "
+                            f"({num_lines} lines) refers to none after line {wanted}: is this "
+                            f"the TSV the embeddings were made from?")
         if b"\t" not in raw:
             raise DataError(tsv_path, line_no, "expected at least 2 tab-separated columns "
                             "(text, image_id, ...), found 1")

@@ -27,7 +27,8 @@ Published formats read here (one parser each; all return ``ParseResult``):
   ``coco-cn-version1805v1.1``): ``coco-cn_{train,val,test}.txt`` list one image id a line
   (``COCO_val2014_000000123456``); ``imageid.human-written-caption.txt`` (22,218 sentences) and
   ``imageid.manually-translated-caption.txt`` (5,000, test only) hold
-  ``COCO_val2014_000000123456#0 \\t sentence``. The test split has 1,000 images and 1,053
+  ``COCO_val2014_000000123456#0 \\t sentence`` and ``COCO_val2014_000000123456#zhm#0 sentence``
+  (no tab) respectively; the image id ends at the first ``#``. The test split has 1,000 images and 1,053
   human-written sentences (1-2 per image). ``imageid.human-written-tags.txt`` is
   ``image_id tags...`` and can be given as the tags table. Images come from MS-COCO 2014
   (``train2014/``, ``val2014/`` under one root); a COCO 2017 layout (``train2017/``,
@@ -49,8 +50,8 @@ Published formats read here (one parser each; all return ``ParseResult``):
 ``aic-icc`` -- AI Challenger 2017 image captioning (github.com/AIChallenger/AI_Challenger_2017):
   ``caption_{train,validation}_annotations_2017xxxx.json`` is a JSON list of
   ``{"url", "image_id": "<sha1>.jpg", "caption": [5 sentences]}``; images in
-  ``caption_{train,validation}_images_2017xxxx/``. Some sentences contain line breaks or are
-  empty (the writer replaces / skips and counts them). The id written is the file stem.
+  ``caption_{train,validation}_images_2017xxxx/``. Some sentences contain newlines (deleted,
+  as the official baseline does) or are empty (the writer skips and counts them). The id written is the file stem.
 
 ``muge`` -- MUGE retrieval / Chinese-CLIP layout (github.com/OFA-Sys/Chinese-CLIP README):
   ``{split}_imgs.tsv`` lines ``image_id \\t base64`` and ``{split}_texts.jsonl`` lines

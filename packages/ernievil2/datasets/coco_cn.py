@@ -40,18 +40,21 @@ def resolve_coco_image(roots: Sequence[str], image_id: str) -> str:
 
 
 def parse_coco_cn(captions: str, image_roots: Sequence[str], split_list: str | None = None) -> ParseResult:
-    """COCO-CN sentences (``ID#N \\t sentence``) for the ids in ``split_list`` (all when None),
-    grouped by image in list order (caption-file order without a list)."""
+    """COCO-CN sentences for the ids in ``split_list`` (all when None), grouped by image in list
+    order (caption-file order without a list). Lines are ``ID#N \\t sentence`` (human-written)
+    or ``ID#zhm#N sentence`` (manually-translated: no tab, split at the first space); the image
+    id ends at the first ``#``."""
     by_image: dict[str, list[PairRecord]] = {}
     for line_no, line in text_lines(captions):
         if not line.strip():
             continue
         kt = split_key_text(line)
         if kt is None or "#" not in kt[0]:
-            raise DataError(captions, line_no, "expected 'IMAGE_ID#N<TAB>sentence' "
+            raise DataError(captions, line_no, "expected 'IMAGE_ID#N<TAB>sentence' or "
+                                               "'IMAGE_ID#zhm#N sentence' "
                                                "(e.g. COCO_val2014_000000123456#0)")
         key, text = kt
-        image_id = strip_image_ext(key.rsplit("#", 1)[0])
+        image_id = strip_image_ext(key.split("#", 1)[0])
         if not image_id:
             raise DataError(captions, line_no, "empty image id before '#'")
         by_image.setdefault(image_id, []).append(

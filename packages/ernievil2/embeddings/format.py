@@ -47,3 +47,20 @@ class EmbeddingFile:
     def has_official_ids(self) -> bool:
         """True when column 3 is the official constant 1 on every line (no line numbers)."""
         return bool(self.num_lines) and bool(np.all(self.line_numbers == 1))
+
+    def check_line_numbers(self, path) -> None:
+        """Column 3 as 1-based input line numbers: each positive and each once, else
+        EmbeddingFormatError naming the file's line."""
+        ids = np.asarray(self.line_numbers)
+        bad = np.flatnonzero(ids < 1)
+        if len(bad):
+            raise EmbeddingFormatError(f"{path}:{bad[0] + 1}: column 3 is {ids[bad[0]]}, not a "
+                                       "1-based input line number")
+        _, first = np.unique(ids, return_index=True)
+        if len(first) < len(ids):
+            seen = np.zeros(len(ids), bool)
+            seen[first] = True
+            i = int(np.flatnonzero(~seen)[0])  # the first line repeating an earlier one
+            j = int(np.flatnonzero(ids == ids[i])[0])
+            raise EmbeddingFormatError(f"{path}:{i + 1}: column 3 says input line {ids[i]}, "
+                                       f"like line {j + 1}: each input line is embedded once")

@@ -5,19 +5,21 @@ writes a part file; rank 0 merges the parts in line order into the official thre
 One run at a time per output file (see output.py); every file appears under its final name
 complete (fileio), or not at all.
 """
+import contextlib
 import os
 import time
 
 from ..data.pipeline import BatchLoader
+from ..data.tsv import DataError, count_lines
 from ..device import select_device
 from ..distributed import all_gather_object, barrier, init_distributed
 from ..embed import embed, model_towers
 from ..export import predictor_towers
 from ..factory import (create_model_and_transforms, create_tokenizer, create_transforms,
                        image_preprocess_spec, text_encoder)
-from ..logging_utils import setup_logging
+from ..logging_utils import FILE_ONLY, setup_logging
 from ..embeddings import write_embeddings
-from ..transforms import decode_image
+from ..transforms import decode_image, set_max_image_pixels
 from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remove_leftovers,
                      write_part)
 
@@ -54,14 +56,26 @@ def _claim_output(output_file, rank):
     return lock, run_id
 
 
+def _log_skipped(logger, report, log_path, shown=5):
+    """The count and the first few skipped lines on the console; every one, with its reason, in
+    the log file (on the console too when there is no log file)."""
+    where = f"; every skipped line and its reason: {log_path}" if log_path else ""
+    logger.warning("%s%s", report.summary(max_lines=shown), where)
+    for line in report.details():
+        logger.warning("skipped %s", line, extra={FILE_ONLY: bool(log_path)})
+
+
 def run(cfg):
     rank, world = init_distributed()
+    set_max_image_pixels(cfg.max_image_pixels)  # decode_image's limit, in this process's threads
     logger, log_path = setup_logging(cfg.log_dir, "infer.log", rank)
     place, amp = select_device(cfg.device, cfg.amp)
-    logger.info("config: %s", dict(cfg))
+    logger.info("config: %s", dict(cfg), extra={FILE_ONLY: True})
     logger.info("device %s, %d process(es), amp %s, execution %s", place, world, amp, cfg.execution)
     if not os.path.isfile(cfg.test_file):
         raise FileNotFoundError(f"test_file not found: {cfg.test_file}")
+    if count_lines(cfg.test_file) == 0:
+        raise DataError(cfg.test_file, None, "no data lines (the file is empty): nothing to embed")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_file)), exist_ok=True)
     lock, run_id = _claim_output(cfg.output_file, rank)
     try:
@@ -75,21 +89,24 @@ def run(cfg):
         emb = embed(towers, loader, progress=rank == 0, desc=f"embed[rank {rank}]")
         t_done = time.time()
         write_part(cfg.output_file, run_id, rank, emb)
-        if emb.skip_report:
-            logger.warning("rank %d: %s", rank, emb.skip_report.summary())
         barrier()
         if rank == 0:
             text, image, lines, skipped = merge_parts(cfg.output_file, run_id, world, cfg.test_file)
             write_embeddings(cfg.output_file, text, image, lines, sidecar=cfg.write_sidecar)
+            if skipped:
+                _log_skipped(logger, skipped, log_path)
             rate = len(emb.line_numbers) * world / max(t_done - t_ready, 1e-9)
-            logger.info("wrote %s: %d lines (%d skipped%s); start-up %.1fs, embedding %.1fs "
+            logger.info("wrote %s: %d lines (%d skipped); start-up %.1fs, embedding %.1fs "
                         "(~%.2f lines/s over %d process(es))", cfg.output_file, len(lines),
-                        len(skipped), (": lines " + ", ".join(map(str, skipped[:20])) +
-                                       (" ..." if len(skipped) > 20 else "")) if skipped else "",
-                        t_ready - t0, t_done - t_ready, rate, world)
+                        skipped.count, t_ready - t0, t_done - t_ready, rate, world)
             if log_path:
                 logger.info("log: %s", log_path)
         barrier()
+    except BaseException:
+        if lock is not None:  # no part of this failed run left behind (a full disk, a bad line)
+            with contextlib.suppress(OSError):
+                remove_leftovers(cfg.output_file)
+        raise
     finally:
         if lock is not None:
             lock.release()

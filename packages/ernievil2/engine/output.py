@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 
 from ..config import ConfigError
-from ..data.tsv import count_lines
+from ..data.tsv import SkipReport, count_lines
 from ..fileio import TMP_MARK, atomic_path
 
 log = logging.getLogger("ernievil2.infer")
@@ -50,9 +50,13 @@ class OutputLock:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: no lock file left behind, an error naming it
+            self.release()
+            raise OSError(e.errno, e.strerror, self.path) from e
 
     def release(self):
         if self.fd is not None:
@@ -71,8 +75,8 @@ def part_path(output_file, run_id, rank):
 
 
 def remove_leftovers(output_file):
-    """Parts and temporaries of OUTPUT (and its sidecar) left by a killed run; call only while
-    holding the lock, when no other run can be writing them."""
+    """Parts and temporaries of OUTPUT (and its sidecar) left by a killed or failed run; call
+    only while holding the lock, when no other run can be writing them."""
     folder, base = os.path.split(os.path.abspath(output_file))
     b = glob.escape(base)
     patterns = [f"{b}.part-*.npz", f".{b}.part-*{TMP_MARK}*"]
@@ -84,7 +88,7 @@ def remove_leftovers(output_file):
     for path in found:
         os.remove(path)
     if found:
-        log.warning("removed %d file(s) an interrupted run left: %s", len(found),
+        log.warning("removed %d file(s) of an unfinished run: %s", len(found),
                     ", ".join(os.path.basename(p) for p in found))
 
 
@@ -92,7 +96,8 @@ def write_part(output_file, run_id, rank, embeddings):
     with atomic_path(part_path(output_file, run_id, rank)) as tmp:
         np.savez(tmp, text=embeddings.text, image=embeddings.image,
                  line_numbers=embeddings.line_numbers,
-                 skipped=np.asarray(embeddings.skip_report.line_numbers, np.int64))
+                 skipped=np.asarray([n for n, _ in embeddings.skip_report.entries], np.int64),
+                 problems=np.asarray([p for _, p in embeddings.skip_report.entries], np.str_))
 
 
 def _few(numbers, n=10):
@@ -101,14 +106,16 @@ def _few(numbers, n=10):
 
 def merge_parts(output_file, run_id, world, test_file):
     """Rank 0: every rank's part of this run, checked to hold exactly the lines of `test_file`
-    that were not skipped, as (text, image, line_numbers) in line order and the skipped lines.
-    The parts are removed."""
+    that were not skipped, as (text, image, line_numbers) in line order and a SkipReport of the
+    skipped lines (all ranks). The parts are removed."""
     paths = [part_path(output_file, run_id, r) for r in range(world)]
     texts, images, lines, skipped = [], [], [], []
+    report = SkipReport(os.fspath(test_file))
     for path in paths:
         with np.load(path) as part:
             texts.append(part["text"]), images.append(part["image"])
             lines.append(part["line_numbers"]), skipped.append(part["skipped"])
+            report.entries += zip(part["skipped"].tolist(), part["problems"].tolist())
     lines, skipped = np.concatenate(lines), np.sort(np.concatenate(skipped))
     order = np.argsort(lines, kind="stable")
     expected = np.setdiff1d(np.arange(1, count_lines(test_file) + 1), skipped)
@@ -125,4 +132,4 @@ def merge_parts(output_file, run_id, world, test_file):
             + " (did the file change during the run?)")
     for path in paths:
         os.remove(path)
-    return np.concatenate(texts)[order], np.concatenate(images)[order], lines[order], skipped.tolist()
+    return np.concatenate(texts)[order], np.concatenate(images)[order], lines[order], report

@@ -3,7 +3,7 @@
 Follows the TF reference (tensorflow/tpu models/official/efficientnet: efficientnet_builder.py,
 efficientnet_model.py, lite/efficientnet_lite_builder.py): the B0 stage list is scaled by a width
 coefficient (channels, `round_filters`, divisor 8) and a depth coefficient (repeats,
-`round_repeats`, ceil). Convolutions use TF "same" padding (asymmetric, from the input size) so
+`round_repeats`, ceil). Convolutions use TF "same" padding (asymmetric, from the input size: Paddle's padding="SAME") so
 TF-trained weights give the same numbers. Lite variants drop squeeze-excite, use ReLU6 and keep
 the stem (32), the head (1280) and the first/last stage repeats fixed (`fix_head_stem`).
 
@@ -133,15 +133,6 @@ def block_specs(width_coefficient, depth_coefficient, fix_head_stem=False, use_s
 
 # --- Layers ---------------------------------------------------------------------------------------
 
-def tf_same_padding(size, kernel_size, stride, dilation=1):
-    """(before, after) padding of TF padding='SAME' along one axis: output = ceil(size / stride),
-    any odd total goes after (tf.nn.conv2d semantics)."""
-    effective_kernel = (kernel_size - 1) * dilation + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + effective_kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _tf_conv_init(out_channels, kernel_size, groups):
     # efficientnet_model.py conv_kernel_initializer: normal(0, sqrt(2 / fan_out)), fan_out =
     # kh * kw * output filters per group (TF depthwise kernels have 1 output per input channel).
@@ -150,26 +141,19 @@ def _tf_conv_init(out_channels, kernel_size, groups):
 
 
 class Conv2DSame(nn.Conv2D):
-    """Conv2D with TF "same" padding. Stride-1 odd kernels pad symmetrically (static); strided
-    convolutions pad from the input size at run time, extra row/column at the bottom/right."""
+    """Conv2D with TF "same" padding: Paddle's padding="SAME" pads from the input size at run time
+    with any odd total after (bottom/right), as TF does. Stride-1 odd kernels pad symmetrically, so
+    they take a plain static padding. (An explicit F.pad is avoided: paddle2onnx 2.1 exports its
+    pad value as uninitialised memory, which corrupts the image borders in ONNX.)"""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=False):
         static = stride == 1 and kernel_size % 2 == 1
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=(kernel_size - 1) // 2 if static else 0,
+                         padding=(kernel_size - 1) // 2 if static else "SAME",
                          groups=groups,
                          weight_attr=paddle.ParamAttr(
                              initializer=_tf_conv_init(out_channels, kernel_size, groups)),
                          bias_attr=None if bias else False)
-        self._same_static, self._same_kernel, self._same_stride = static, kernel_size, stride
-
-    def forward(self, x):
-        if not self._same_static:
-            top, bottom = tf_same_padding(x.shape[2], self._same_kernel, self._same_stride)
-            left, right = tf_same_padding(x.shape[3], self._same_kernel, self._same_stride)
-            if top or bottom or left or right:
-                x = F.pad(x, [left, right, top, bottom], data_format="NCHW")
-        return super().forward(x)
 
 
 def _batch_norm(channels):

@@ -44,18 +44,20 @@ from ..distributed import all_gather_object, all_reduce_gradients, barrier, init
 from ..factory import check_vocab_fits, create_model, create_tokenizer, create_transforms
 from ..fileio import atomic_write
 from ..keys import INFER_KEYS
-from ..logging_utils import setup_logging
+from ..logging_utils import FILE_ONLY, setup_logging
 from ..losses import ContrastivePair, MultiViewContrastiveLoss
 from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, temperature_name
 from ..models.ernie import load_ernie_config
 from ..models.params import count_parameters
 from ..precision import autocast
+from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
 from .ema import ModelEMA
 from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, get_rng_states, gradcache_step, set_rng_states
 from .optim import build_optimizer, freeze, lr_at
+from .prepare import embed_after_training, prepare
 from .validate import validate
 
 log = logging.getLogger("ernievil2.train")
@@ -446,7 +448,7 @@ def build_run(cfg, rank, world, device, amp, model, data):
               freeze_bn=cfg.freeze_bn_stats is True or (
                   cfg.freeze_bn_stats == "auto" and bool(micro) and has_batchnorm(model.visual)),
               device=device, best={"step": None, "score": -1.0}, last_save=time.time())
-    log.info("config: %s", dict(cfg))
+    log.info("config: %s", dict(cfg), extra={FILE_ONLY: True})
     log.info("%d process(es); global batch %d (%d per process%s); views %s; pairs %s; targets %s",
              world, cfg.batch_size, local_batch, f", GradCache micro-batch {micro}" if micro else "",
              data.views, [p.key for p in run.loss.pairs], cfg.targets)
@@ -559,11 +561,13 @@ def train(cfg):
     """Train as `cfg` (a loaded training config) says; rank 0 writes output_dir. A signal ends
     the process after its checkpoint (exit status 128 + the signal: 130 for Ctrl-C)."""
     rank, world = init_distributed()
+    set_max_image_pixels(cfg.max_image_pixels)
     check_config(cfg, world)
     deleted = prepare_output_dir(cfg, rank)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
     if deleted:
         log.warning("overwrite: deleted %s from %s", ", ".join(deleted), cfg.output_dir)
+    cfg = prepare(cfg, rank)  # computed object tags, vocab_file auto, embed_file
     device, amp = select_device(cfg.device, cfg.amp)
     model = build_model(cfg)
     data = build_data(cfg, model, rank, world)
@@ -584,3 +588,4 @@ def train(cfg):
     finally:
         data.batcher.close()
     barrier()
+    embed_after_training(cfg)
