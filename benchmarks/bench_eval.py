@@ -141,7 +141,12 @@ def main(argv=None):
     p.add_argument("--skip-naive", action="store_true",
                    help="only eval_retri.py (the naive one needs ~4*N*N bytes of scores)")
     p.add_argument("--workdir", help="where to write the embeddings file (default: a temp dir)")
+    p.add_argument("--generate-into", help=argparse.SUPPRESS)  # the generating subprocess
     args = p.parse_args(argv)
+    if args.generate_into:
+        files = generate(Path(args.generate_into), args.lines, args.dim, args.digits.split(","))
+        print(json.dumps({d: [str(path), s] for d, (path, s) in files.items()}))
+        return 0
     if not args.skip_naive and args.lines % 10:
         p.error("the naive evaluator (like the official) needs --lines to be a multiple of 10")
 
@@ -150,7 +155,13 @@ def main(argv=None):
         digits = [d for d in args.digits.split(",") if d]
         if not set(digits) <= {"9", "17"}:
             p.error("--digits takes 9, 17 or 9,17")
-        files = generate(tmp, args.lines, args.dim, digits)
+        # in a subprocess: a child's peak RSS starts at its parent's RSS (fork/exec keeps the
+        # high-water mark), and generating the 17-digit text takes ~700 MB
+        gen = subprocess.run([sys.executable, __file__, "--generate-into", str(tmp),
+                              "--lines", str(args.lines), "--dim", str(args.dim),
+                              "--digits", ",".join(digits)],
+                             check=True, capture_output=True, text=True)
+        files = {d: (Path(path), s) for d, (path, s) in json.loads(gen.stdout).items()}
         naive_py = tmp / "naive_eval.py"
         naive_py.write_text(NAIVE)
         ours = [sys.executable, str(ROOT / "eval_retri.py")]
