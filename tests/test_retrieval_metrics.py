@@ -288,6 +288,33 @@ def test_reader_parses_like_float_then_float32(tmp_path, monkeypatch, block_byte
     assert emb.source == "text" and not emb.has_official_ids
 
 
+def test_official_layout_negatives_through_the_vectorised_parser(tmp_path, monkeypatch):
+    # the official 9-digit layout: the SWAR parser alone must give float()'s values, signs
+    # (-0.0 too) and the line numbers (the id column stays out of the float parse)
+    def no_c_parser(*args):
+        raise AssertionError("the official layout must not need np.loadtxt")
+
+    monkeypatch.setattr(eio, "_parse_block_c", no_c_parser)
+    monkeypatch.setattr(eio, "READ_BLOCK_BYTES", 4096)  # many blocks
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((300, 32)) * 0.05).astype(np.float32)
+    values[::7, 3] = -0.0
+    values[::11, 5] = 0.0
+    values[1, :4] = [-1e-5, 2.5e-6, -0.5, 1.0]  # a few tokens outside "[-]0.ddd"
+    toks = [[str(v) for v in row] for row in values]
+    ids = rng.integers(1, 10 ** 6, 300)
+    path = tmp_path / "e.out"
+    path.write_text("".join(" ".join(t[:16]) + "\t" + " ".join(t[16:]) + f"\t{i}\n"
+                            for t, i in zip(toks, ids)))
+    emb = read_embeddings(path)
+    want = np.array([[float(x) for x in t] for t in toks]).astype(np.float32)
+    got = np.hstack([emb.text, emb.image])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # signs included
+    assert np.signbit(got[::7, 3]).all() and not np.signbit(got[::11, 5]).any()
+    assert (got < 0).sum() > 0.4 * got.size
+    np.testing.assert_array_equal(emb.line_numbers, ids)
+
+
 def test_write_then_read_round_trips_and_leaves_no_temp_files(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     text, image = embedding_like(rng, 70, 32), embedding_like(rng, 70, 32)

@@ -192,3 +192,26 @@ def test_unknown_tie_rule_is_rejected():
     emb = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match="ties must be one of"):
         official_recall(emb, emb, ties="average")
+
+
+@pytest.mark.parametrize("n, chunk_size", [
+    (2041, 700),  # 2041 candidates: one past a group of 255 uint64 words of 8 bytes each
+    (1027, 600),  # blocks of 600 rows: column lanes emptied mid-block (at most 255 rows each)
+    (1023, None),  # candidates not a multiple of 8 (padded mask columns)
+])
+def test_counts_across_lane_groups_and_block_sizes(n, chunk_size):
+    # counts up to n in every direction, many exact ties: each count is checked against plain
+    # comparisons on the full matrix (exact in any BLAS order: small-integer embeddings)
+    rng = np.random.default_rng(n)
+    text, image = tied_embeddings(rng, n)
+    text[: n // 4] = 0.0  # zero rows: ties with every candidate
+    score = text @ image.T
+    diag = np.diag(score)
+    want = {"optimistic": ((score > diag[:, None]).sum(1), (score > diag[None, :]).sum(0)),
+            "pessimistic": ((score >= diag[:, None]).sum(1) - 1,
+                            (score >= diag[None, :]).sum(0) - 1)}
+    for ties, (t2i, i2t) in want.items():
+        got = paired_ranks(text, image, chunk_size=chunk_size, ties=ties)
+        np.testing.assert_array_equal(got[0], t2i)
+        np.testing.assert_array_equal(got[1], i2t)
+    assert want["pessimistic"][0].max() == n - 1  # some query ties with every candidate
