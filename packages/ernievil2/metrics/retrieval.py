@@ -343,7 +343,8 @@ def tie_warning(both, key: str = "R@1", points: float = TIE_WARN_POINTS) -> str 
                      f"{pct['pessimistic'][name][key]:.2f}" for name in ("Text2Image", "Image2Text"))
     return (f"tied scores: {key} is {gap:.2f} points higher when ties count for the query "
             f"(optimistic, the official) than against it (pessimistic): {rows}; "
-            "are the embeddings collapsed (identical or zero rows)?")
+            "identical embeddings tie: the same image or caption on several lines, or collapsed "
+            "(identical or zero) rows")
 
 
 def percent_table(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
