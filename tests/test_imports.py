@@ -10,7 +10,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "packages" / "ernievil2"
 COMMANDS = ("ernievil2.engine", "ernievil2.train", "ernievil2.cli", "ernievil2.launch",
-            "ernievil2.evaluate", "ernievil2.__main__")
+            "ernievil2.evaluate", "ernievil2.__main__", "ernievil2.zeroshot_cli")
 
 
 def module_name(path):

@@ -36,7 +36,8 @@ def test_console_scripts_name_existing_functions():
     import importlib
     import tomllib
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download"}
+    assert set(scripts) == {"ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download",
+                            "ernievil2-zeroshot"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
@@ -83,7 +84,8 @@ def test_installed_package_works_from_another_folder(tmp_path):
                         "--no-build-isolation", "--no-index", str(src)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    for script in ("ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download"):
+    for script in ("ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download",
+                   "ernievil2-zeroshot"):
         assert (bin_dir / script).is_file(), script
 
     work = tmp_path / "elsewhere"
