@@ -152,6 +152,17 @@ def test_a_briefly_trained_demo_model_classifies_drawn_shapes_above_chance(tmp_p
         other = json.loads((tmp_path / f"{mode}.json").read_text(encoding="utf-8"))
         assert other["top1"] == pytest.approx(result["top1"], abs=1 / 90), mode
 
+    # two processes, each with its share of the lines: the same result as one
+    r = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--log_dir",
+                        str(tmp_path / "launch"), "--nproc_per_node", "2", str(ROOT / "eval_zeroshot.py"),
+                        str(tmp_path / "out" / "final" / "infer.yaml"), "--images", held_out, "--classes",
+                        str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"),
+                        "--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    assert (two["top1"], two["top5"], two["per_class"], two["confusions"]) == \
+        (result["top1"], result["top5"], result["per_class"], result["confusions"])
+
 
 # ------------------------------------------------------------------- real photos, end to end
 @pytest.mark.shared

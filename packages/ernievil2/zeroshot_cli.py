@@ -3,12 +3,17 @@ config + its checkpoint, any `execution`), on labelled images; see packages/erni
 
   python eval_zeroshot.py CONFIG [key=value ...] --classes FILE --images TSV_OR_FOLDER
                           [--lang zh|en] [--templates FILE] [--json OUT]
+
+Several processes: `python -m paddle.distributed.launch --nproc_per_node N eval_zeroshot.py ...`
+(`--devices 0,1,..` with GPUs); each classifies its share of the images (TSV line i goes to rank
+(i-1) % N, as in run_infer.sh) and rank 0 prints the result of all of them.
 """
 import argparse
 import json
 import os
 import sys
 
+import numpy as np
 from tabulate import tabulate
 
 from .cli import load_infer_config, run_main
@@ -56,29 +61,36 @@ def run(argv=None):
 
     from .data.pipeline import BatchLoader
     from .device import select_device
+    from .distributed import all_gather_object, init_distributed
     from .engine.infer import build_towers
     from .logging_utils import setup_logging
     from .transforms import decode_image, set_max_image_pixels
+    rank, world = init_distributed()
     set_max_image_pixels(cfg.max_image_pixels)
-    logger, _ = setup_logging(None, "zeroshot.log")
+    logger, _ = setup_logging(None, "zeroshot.log", rank)
     place, amp = select_device(cfg.device, cfg.amp)
     towers, transform, encode_texts = build_towers(cfg, place, amp)
     logger.info("%d classes x %d templates, execution %s", len(names), len(templates), cfg.execution)
     class_emb = zs.class_embeddings(lambda texts: towers.encode_text(encode_texts(texts)), names,
                                     templates, cfg.infer_batch_size)
     if os.path.isdir(args.images):
-        batches = zs.folder_batches(zs.folder_images(args.images, resolve), cfg.infer_batch_size,
-                                    transform, decode_image)
+        items = zs.folder_images(args.images, resolve)[rank::world]
+        batches = zs.folder_batches(items, cfg.infer_batch_size, transform, decode_image)
     else:
         loader = BatchLoader(args.images, cfg.infer_batch_size, image_transform=transform,
                              text_encoder=lambda texts: [[0]] * len(texts),  # texts are not used
-                             decode_image=decode_image, num_workers=cfg.num_workers,
+                             decode_image=decode_image, rank=rank, world_size=world,
+                             num_workers=cfg.num_workers,
                              prefetch=cfg.prefetch)
         batches = zs.tsv_batches(loader, resolve)
-    result = zs.classify(towers.encode_image, class_emb, batches)
-    if not len(result.labels):
+    result = zs.classify(towers.encode_image, class_emb, batches)  # this process's share
+    shares = all_gather_object((result.predictions, result.labels))
+    if rank != 0:
+        return 0
+    predictions, labels = (np.concatenate(part) for part in zip(*shares))
+    if not len(labels):
         raise DataError(args.images, None, "no images")
-    summary = zs.summarize(result.predictions, result.labels, names)
+    summary = zs.summarize(predictions, labels, names)
     summary.update(lang=args.lang, templates=list(templates))
     print(tabulate([["top-1", f"{100 * summary['top1']:.2f}", f"{100 * summary['chance_top1']:.2f}"],
                     ["top-5", f"{100 * summary['top5']:.2f}", f"{100 * summary['chance_top5']:.2f}"]],
