@@ -44,6 +44,25 @@ from .metrics.retrieval import (format_table, multi_caption_recall_both, officia
                                 percent_table, tie_warning)
 
 PROG = "eval_retri.py"
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed heap memory for reuse. The parse frees and allocates MB-sized arrays
+    on every block; by default glibc returns them to the OS and each new one faults its pages in
+    again (~20% of the parse's CPU time in a fresh process). Elsewhere: nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(M_TOP_PAD, 64 << 20)
+    mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +126,7 @@ def main(argv=None) -> int:
         parser.error("--protocol multi-caption needs --tsv TEST.tsv or --image-ids FILE")
     if args.protocol == "official" and (args.tsv or args.image_ids):
         parser.error("--tsv / --image-ids only apply to --protocol multi-caption")
+    keep_freed_memory()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
