@@ -119,6 +119,24 @@ def test_17_digit_file_parses_exactly_like_float(tmp_path, monkeypatch, block_by
     np.testing.assert_array_equal(emb.line_numbers, np.arange(1, 41))
 
 
+@pytest.mark.parametrize("block_bytes", [64, 1000, 1 << 20])
+def test_lines_longer_than_a_block_bom_and_trailing_blank_lines(tmp_path, monkeypatch,
+                                                                 block_bytes):
+    monkeypatch.setattr(emb_parser, "READ_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(9)
+    values = rng.standard_normal((25, 2, 40)).astype(np.float32)  # lines of ~800 bytes
+    data = "".join(" ".join(map(str, v[0].tolist())) + "\t" + " ".join(map(str, v[1].tolist()))
+                   + f"\t{k + 1}\n" for k, v in enumerate(values)).encode()
+    assert min(map(len, data.splitlines())) > 64
+    out = tmp_path / "long.out"
+    out.write_bytes(b"\xef\xbb\xbf" + data + b"\n \n")
+    emb = read_embeddings(out)
+    want_text, want_image = parse_by_float(data)
+    np.testing.assert_array_equal(emb.text, want_text)
+    np.testing.assert_array_equal(emb.image, want_image)
+    np.testing.assert_array_equal(emb.line_numbers, np.arange(1, 26))
+
+
 @pytest.mark.parametrize("tail", [b"\n", b"\n\n", b"\r\n \n", b"", b"\n\t\n"])
 def test_blank_lines_at_the_end_are_ignored(tmp_path, tail):
     text, image = embeddings(6, 8)

@@ -77,16 +77,26 @@ def _drain(pending, keep: int) -> None:
 
 
 def _line_blocks(f, end: int):
-    """Yield ~READ_BLOCK_BYTES chunks of whole lines of bytes [0, end), each ending with b"\\n"
-    (BOM removed)."""
-    pos, first = 0, True
+    """Yield ~READ_BLOCK_BYTES chunks of whole lines of bytes [0, end), each a bytearray ending
+    with b"\\n" (BOM removed). Each is read straight into its own buffer; its last partial line
+    starts the next one (appending the rest of the line would copy the whole block)."""
+    pos, first, tail = 0, True, b""
     while pos < end:
-        buf = f.read(min(READ_BLOCK_BYTES, end - pos))
-        if pos + len(buf) < end and not buf.endswith(b"\n"):
-            buf += f.readline(end - pos - len(buf))
-        pos += len(buf)
-        if pos >= end:  # end is just past the last non-blank byte: its newline is beyond
+        buf = bytearray(len(tail) + min(READ_BLOCK_BYTES, end - pos))
+        buf[:len(tail)] = tail
+        with memoryview(buf) as view, view[len(tail):] as free:
+            got = f.readinto(free)
+        pos += got
+        if pos >= end or not got:  # end is just past the last non-blank byte: its newline is beyond
+            del buf[len(tail) + got:]
             buf += b"\n"
+            pos = end
+        else:
+            cut = buf.rfind(b"\n") + 1
+            tail = bytes(buf[cut:])
+            if not cut:  # a line longer than a block: read on
+                continue
+            del buf[cut:]
         if first:
             first = False
             if buf.startswith(UTF8_BOM):

@@ -5,7 +5,6 @@ import os
 
 from .format import EmbeddingFile
 from .parser import parse_text_file
-from .sidecar import load_fresh_sidecar
 
 
 def read_embeddings(path, use_sidecar: bool = True, workers: int | None = None) -> EmbeddingFile:
@@ -15,6 +14,8 @@ def read_embeddings(path, use_sidecar: bool = True, workers: int | None = None) 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such embeddings file")
     if use_sidecar:
+        from .sidecar import load_fresh_sidecar  # zipfile, hashlib: only when a sidecar may be read
+
         cached = load_fresh_sidecar(path)
         if cached is not None:
             return cached

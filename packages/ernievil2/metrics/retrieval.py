@@ -54,7 +54,8 @@ __all__ = [
 DEFAULT_KS = (1, 5, 10)
 MAX_CHUNK_ROWS = 1024
 SCORE_BLOCK_BYTES = 64 << 20  # float32 scores of one block of query rows
-PREPASS_ROWS = 512  # rows per positive-score block of the pre-pass (few BLAS calls)
+PREPASS_ROWS = 256  # rows per positive-score block of the pre-pass (less work than 512; far
+# smaller blocks take other BLAS kernels, whose rounding would force the recount)
 TIES = ("optimistic", "pessimistic")
 TIE_WARN_POINTS = 1.0  # R@1 gap (percentage points) between the two tie rules worth a warning
 LANE_MAX = 255  # a byte lane of a uint64 sum of 0/1 bytes counts up to 255
