@@ -11,8 +11,9 @@ The names below are imported on first use, so `import ernievil2` does not load p
 
 __version__ = "0.1.0"
 
-import importlib
 import warnings
+
+from .lazy import lazy_exports
 
 # Paddle warns about a missing C++ compiler cache on every import; it concerns building custom
 # operators, which this project never does.
@@ -37,14 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ernievil2' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -2,8 +2,7 @@
 
 The writer and the sidecar (zipfile, hashlib) are imported on first use: evaluating a text file
 needs neither."""
-import importlib
-
+from ..lazy import lazy_exports
 from .format import EmbeddingFile, EmbeddingFormatError, StaleSidecarWarning
 from .reader import read_embeddings
 
@@ -26,14 +25,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
