@@ -96,8 +96,9 @@ def run_main(main, argv=None):
         return main(argv)
     except KeyboardInterrupt:
         # training handles SIGINT itself (it saves a checkpoint); anything else stops here
-        print("interrupted (Ctrl-C): nothing was written under the final names", file=sys.stderr,
-              flush=True)
+        line = "interrupted (Ctrl-C): nothing was written under the final names"
+        print(line, file=sys.stderr, flush=True)
+        _leave_error(line, user=True)
         sys.exit(130)
     except Exception as e:
         line = user_error_line(e)

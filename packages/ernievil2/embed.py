@@ -64,16 +64,16 @@ def model_towers(model, amp="none", to_static=False, image_size=None, input_dtyp
 def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> Embeddings:
     """Both embeddings of every line the loader yields (its rank's share of the file)."""
     texts, images, lines, image_ids = [], [], [], []
-    bar = tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
-               disable=not progress, dynamic_ncols=True)
-    for batch in loader:
-        images.append(towers.encode_image(batch.images))
-        texts.append(towers.encode_text(batch.input_ids))
-        lines.append(batch.line_numbers)
-        image_ids.extend(batch.image_ids)
-        bar.update(len(batch))
-    bar.update(loader.skip_report.count)  # skipped lines were read too
-    bar.close()
+    # closed on errors too, so an error line starts on a line of its own
+    with tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            images.append(towers.encode_image(batch.images))
+            texts.append(towers.encode_text(batch.input_ids))
+            lines.append(batch.line_numbers)
+            image_ids.extend(batch.image_ids)
+            bar.update(len(batch))
+        bar.update(loader.skip_report.count)  # skipped lines were read too
 
     def rows(parts):
         return np.concatenate(parts) if parts else np.zeros((0, towers.embed_dim), np.float32)

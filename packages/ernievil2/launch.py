@@ -239,18 +239,24 @@ def run_multi(command, devices, config, overrides, verbose):
             # the workers got the signal too: training saves a checkpoint and says so; show it
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             relay()
+            if not any(line.startswith("interrupted") for line in out.shown):
+                print("interrupted (Ctrl-C): nothing was written under the final names",
+                      file=sys.stderr)
             return 130
     errors = read_errors(log_dir)
     if rc == 0 and not errors:
         return 0
     if rc in (130, 143) and not errors:
         return rc  # interrupted: each worker printed its own line
+    interrupted = bool(errors) and all(e["message"].startswith("interrupted") for e in errors)
     if errors:
         first = errors[0]
         if not any(first["message"].strip() in line for line in out.shown):
             where = os.path.join(log_dir, f"workerlog.{first['rank']}")
             what = "log" if first.get("user_error") else "traceback"
             print(f"{first['message']} (rank {first['rank']}; {what}: {where})", file=sys.stderr)
+        if interrupted:
+            return 130
     else:
         print(f"error: a process failed (exit status {rc}); see {log_dir}/workerlog.* and "
               f"{launcher_log}", file=sys.stderr)
