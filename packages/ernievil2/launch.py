@@ -98,6 +98,11 @@ def worker_env(error_dir, verbose, base=None):
     return env
 
 
+def launch_log_dir(log_dir):
+    """Where the launcher and the processes' own logs go: LAUNCH_LOG_DIR, else LOG_DIR/launch."""
+    return os.environ.get("LAUNCH_LOG_DIR") or os.path.join(log_dir, "launch")
+
+
 def launch_command(command, devices, config, overrides, log_dir, gpu, nnodes=None, master=None,
                    python=sys.executable):
     """The paddle.distributed.launch command line of a multi-process run."""
@@ -210,7 +215,7 @@ def run_multi(command, devices, config, overrides, verbose):
         return check_config(command, config, overrides)
     cfg = run_main(check)  # a bad config: one line here, before any process starts
     config_path = os.path.abspath(run_config_path(config))
-    log_dir = os.environ.get("LAUNCH_LOG_DIR") or os.path.join(cfg.log_dir, "launch")
+    log_dir = launch_log_dir(cfg.log_dir)
     os.makedirs(log_dir, exist_ok=True)
     clear_errors(log_dir)
     cmd = launch_command(command, devices, config_path, overrides, log_dir, has_gpu(),

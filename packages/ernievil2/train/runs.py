@@ -21,6 +21,7 @@ from ..config import ConfigError
 from ..distributed import all_gather_object, barrier
 from ..fileio import atomic_write
 from ..keys import INFER_KEYS
+from ..launch import launch_log_dir
 from ..models.ernie import load_ernie_config
 from ..models.params import count_parameters
 from . import checkpointing as ckpt
@@ -45,7 +46,7 @@ def run_entries(cfg, with_logs=False):
     output_dir) and, unless with_logs, the train.log files: a previous run's files."""
     if not os.path.isdir(cfg.output_dir):
         return []
-    launcher = os.path.abspath(os.environ.get("LAUNCH_LOG_DIR") or os.path.join(cfg.log_dir, "launch"))
+    launcher = os.path.abspath(launch_log_dir(cfg.log_dir))
     same_logs = os.path.abspath(cfg.log_dir or cfg.output_dir) == os.path.abspath(cfg.output_dir)
     return sorted(name for name in os.listdir(cfg.output_dir)
                   if os.path.abspath(os.path.join(cfg.output_dir, name)) != launcher
