@@ -10,7 +10,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "packages" / "ernievil2"
 COMMANDS = ("ernievil2.engine", "ernievil2.train", "ernievil2.cli", "ernievil2.launch",
-            "ernievil2.evaluate", "ernievil2.__main__", "ernievil2.zeroshot_cli")
+            "ernievil2.evaluate", "ernievil2.__main__", "ernievil2.zeroshot_cli",
+            "ernievil2.search_cli", "ernievil2.serve")
 
 
 def module_name(path):
