@@ -12,10 +12,9 @@ import yaml
 
 from conftest import ROOT
 from ernievil2.cli import load_infer_config as load_config
-from ernievil2.data.tsv import DataError, SkipReport
-from ernievil2.embed import Embeddings
+from ernievil2.data.tsv import DataError
 from ernievil2.engine.infer import run
-from ernievil2.engine.output import OutputBusyError, OutputLock, merge_parts, write_part
+from ernievil2.engine.output import OutputBusyError, OutputLock, Part, merge_parts
 from ernievil2.embeddings import read_embeddings
 from helpers import make_image, tiny_config, tsv_line, write_tsv
 
@@ -136,9 +135,8 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     path, cfg = write_cfg(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    leftovers = ["emb.out.part-0123456789ab-1.npz", ".emb.out.part-0123456789ab-0.tmp-99-abcd1234.npz",
-                 ".emb.tmp-99-abcd1234.out", ".emb.out.tmp-99-abcd1234.npz"]
-    kept = ["emb.out.partial", ".emb2.tmp-99-abcd1234.out", "other.out.part-0123456789ab-0.npz"]
+    leftovers = [".emb.tmp-99-abcd1234.out", ".emb.out.tmp-99-abcd1234.npz"]
+    kept = ["emb.out.partial", ".emb2.tmp-99-abcd1234.out", ".other.tmp-99-abcd1234.out"]
     for name in leftovers + kept:
         (out / name).write_bytes(b"x")
     run(load_config(path))
@@ -146,43 +144,25 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     assert read_embeddings(cfg["output_file"]).line_numbers.tolist() == list(range(1, 9))
 
 
-def _fake_part(tsv, out, run_id, rank, lines, skipped=()):
-    report = SkipReport(str(tsv))
-    for n in skipped:
-        report.add(DataError(str(tsv), n, "bad"))
+def _fake_part(rank, lines, skipped=()):
     rows = np.full((len(lines), 4), float(rank), np.float32)
-    write_part(out, run_id, rank, Embeddings(rows, rows, np.asarray(lines, np.int64),
-                                             ["x"] * len(lines), report))
+    return Part(rows, rows, np.asarray(lines, np.int64), [(n, "bad") for n in skipped])
 
 
 def test_merge_accepts_exactly_the_lines_of_the_file_not_skipped(tmp_path):
     tsv = tmp_path / "t.tsv"
     tsv.write_text("".join(f"line {i}\n" for i in range(1, 6)) + "\n\n")  # 5 lines, blank tail
     out = str(tmp_path / "emb.out")
-    _fake_part(tsv, out, "r1", 0, [1, 3, 5])
-    _fake_part(tsv, out, "r1", 1, [4], skipped=[2])
-    text, _, lines, skipped = merge_parts(out, "r1", 2, str(tsv))
+    text, _, lines, skipped = merge_parts([_fake_part(0, [1, 3, 5]), _fake_part(1, [4], skipped=[2])],
+                                          out, str(tsv))
     assert lines.tolist() == [1, 3, 4, 5] and skipped.line_numbers == [2]
     assert skipped.details() == [f"{tsv}:2: bad"]
     assert text[:, 0].tolist() == [0, 0, 1, 0]  # rows follow their line numbers
-    assert not list(tmp_path.glob("*.part-*"))
     for parts, problem in (([[1, 3, 5], [4]], r"hold 4 line\(s\) .* expected 5; missing lines 2"),
                            ([[1, 3, 5], [2, 4, 6]], r"lines not in the file 6"),
                            ([[1, 3, 5], [2, 4, 5]], r"1 line\(s\) embedded twice")):
-        for rank, lines in enumerate(parts):
-            _fake_part(tsv, out, "r2", rank, lines)
         with pytest.raises(RuntimeError, match=rf"emb\.out not written: the 2 part\(s\) .*{problem}"):
-            merge_parts(out, "r2", 2, str(tsv))
-
-
-def test_parts_of_another_run_are_not_merged(tmp_path):
-    tsv = tmp_path / "t.tsv"
-    tsv.write_text("a\nb\n")
-    out = str(tmp_path / "emb.out")
-    _fake_part(tsv, out, "mine", 0, [1, 2])
-    _fake_part(tsv, out, "other", 0, [2])  # a stale or concurrent run's part of the same output
-    assert merge_parts(out, "mine", 1, str(tsv))[2].tolist() == [1, 2]
-    assert os.path.exists(out + ".part-other-0.npz")
+            merge_parts([_fake_part(r, lines) for r, lines in enumerate(parts)], out, str(tsv))
 
 
 def _pause_while_holding(run_cmd, lock, attempts=5):

@@ -13,7 +13,9 @@ rank r hold the contribution of r's samples to sum_k L_k. `all_reduce_gradients(
 i.e. the mean over all world_size * b rows -- the same number one process gets on the whole batch.
 """
 import os
+import uuid
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.autograd import PyLayer
@@ -64,6 +66,52 @@ def all_gather_object(obj):
     out = []
     dist.all_gather_object(out, obj)
     return out
+
+
+# Rows of one gather_rows round: bounded memory for any number of rows (12 MB at D = 768).
+ROWS_PER_ROUND = 4096
+
+
+def gather_rows(array, dst=0, rows_per_round=ROWS_PER_ROUND):
+    """Rank `dst`: every rank's numpy `array` (any number of rows; the same dtype and row shape),
+    in rank order; other ranks: None. [array] single-process. The rows travel through the process
+    group (gloo on CPU), `rows_per_round` at a time, so the nodes of a job need no shared folder."""
+    if not is_distributed():
+        return [array]
+    rank, counts = get_rank(), all_gather_object(len(array))
+    row_shape = array.shape[1:]
+    pieces = [[] for _ in counts]
+    for start in range(0, max(counts), rows_per_round):
+        size = min(rows_per_round, max(counts) - start)
+        chunk = np.zeros((size,) + row_shape, array.dtype)
+        mine = array[start:start + size]
+        chunk[:len(mine)] = mine
+        received = [] if rank == dst else None
+        dist.gather(paddle.to_tensor(chunk), received, dst=dst)
+        for r, t in enumerate(received or []):
+            if counts[r] > start:
+                pieces[r].append(t.numpy()[:counts[r] - start])
+    if rank != dst:
+        return None
+    return [np.concatenate(p) if p else np.zeros((0,) + row_shape, array.dtype) for p in pieces]
+
+
+def folder_writer(folder):
+    """Whether this process writes `folder`'s shared files: the lowest rank that sees the same
+    folder does (a folder every node reaches through a shared filesystem: rank 0 only; a folder on
+    each node's own disk: one process per node). All ranks call it; `folder` must exist."""
+    if not is_distributed():
+        return True
+    token = all_gather_object(uuid.uuid4().hex[:12])[0]
+    mark = os.path.join(folder, f".ernievil2-rank-{get_rank()}-{token}")
+    open(mark, "w").close()
+    barrier()
+    prefix = ".ernievil2-rank-"
+    seen = [int(n[len(prefix):].split("-")[0]) for n in os.listdir(folder)
+            if n.startswith(prefix) and n.endswith(f"-{token}")]
+    barrier()
+    os.remove(mark)
+    return min(seen) == get_rank()
 
 
 def _check_same_shape(x):

@@ -1,7 +1,8 @@
 """Embed a TSV with both towers: the engine behind run_infer.sh.
 
-Each process embeds its shard of lines (line i goes to rank (i-1) % world) with embed.embed and
-writes a part file; rank 0 merges the parts in line order into the official three-column output.
+Each process embeds its shard of lines (line i goes to rank (i-1) % world) with embed.embed;
+rank 0 receives every shard over the process group (output.py) and merges them in line order into
+the official three-column output.
 One run at a time per output file (see output.py); every file appears under its final name
 complete (fileio), or not at all.
 """
@@ -20,8 +21,7 @@ from ..factory import (create_model_and_transforms, create_tokenizer, create_tra
 from ..logging_utils import FILE_ONLY, setup_logging
 from ..embeddings import write_embeddings
 from ..transforms import decode_image, set_max_image_pixels
-from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remove_leftovers,
-                     write_part)
+from .output import OutputBusyError, OutputLock, gather_parts, merge_parts, remove_leftovers
 
 
 def build_towers(cfg, device="cpu", amp="none"):
@@ -39,21 +39,20 @@ def build_towers(cfg, device="cpu", amp="none"):
 
 
 def _claim_output(output_file, rank):
-    """Rank 0 locks the output and picks the run id; every rank gets (lock or None, run id), or
+    """Rank 0 locks the output (every rank gets the lock or None), or every rank raises
     OutputBusyError when another run holds the output."""
-    lock, claim = None, None
+    lock, busy = None, None
     if rank == 0:
         lock = OutputLock(output_file)
         try:
             lock.acquire()
             remove_leftovers(output_file)
-            claim = (new_run_id(), None)
         except OutputBusyError as e:
-            claim = (None, str(e))
-    run_id, busy = all_gather_object(claim)[0]
+            busy = str(e)
+    busy = all_gather_object(busy)[0]
     if busy:
         raise OutputBusyError(busy)
-    return lock, run_id
+    return lock
 
 
 def _log_skipped(logger, report, log_path, shown=5):
@@ -76,8 +75,9 @@ def run(cfg):
         raise FileNotFoundError(f"test_file not found: {cfg.test_file}")
     if count_lines(cfg.test_file) == 0:
         raise DataError(cfg.test_file, None, "no data lines (the file is empty): nothing to embed")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_file)), exist_ok=True)
-    lock, run_id = _claim_output(cfg.output_file, rank)
+    if rank == 0:  # the only writer: other nodes need no output folder
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output_file)), exist_ok=True)
+    lock = _claim_output(cfg.output_file, rank)
     try:
         t0 = time.time()
         towers, transform, encode_texts = build_towers(cfg, place, amp)
@@ -88,10 +88,9 @@ def run(cfg):
         t_ready = time.time()
         emb = embed(towers, loader, progress=rank == 0, desc=f"embed[rank {rank}]")
         t_done = time.time()
-        write_part(cfg.output_file, run_id, rank, emb)
-        barrier()
+        parts = gather_parts(emb, rank)
         if rank == 0:
-            text, image, lines, skipped = merge_parts(cfg.output_file, run_id, world, cfg.test_file)
+            text, image, lines, skipped = merge_parts(parts, cfg.output_file, cfg.test_file)
             write_embeddings(cfg.output_file, text, image, lines, sidecar=cfg.write_sidecar)
             if skipped:
                 _log_skipped(logger, skipped, log_path)

@@ -1,23 +1,25 @@
-"""One run at a time per output file, parts named per run, and a merge that checks completeness.
+"""One run at a time per output file, every rank's part gathered to rank 0, and a merge that
+checks completeness.
 
 Rank 0 holds an exclusive lock on OUTPUT.lock (fcntl.flock, released by the OS if the process
 dies) for the whole run, so a second run on the same output fails at once; holding it, rank 0
-removes what a killed run left (parts, temporaries). Each rank's part is OUTPUT.part-RUN-RANK.npz
-with a run id all ranks share, and the merge writes the output only when the parts hold exactly
-the lines of the TSV that were not skipped.
+removes what a killed run left (temporaries). Each rank's rows reach rank 0 over the process group,
+not through files, so the nodes of a multi-machine run need not share a folder; the merge writes
+the output only when the parts hold exactly the lines of the TSV that were not skipped.
 """
 import contextlib
 import fcntl
 import glob
 import logging
 import os
-import uuid
+from typing import NamedTuple
 
 import numpy as np
 
 from ..config import ConfigError
 from ..data.tsv import SkipReport, count_lines
-from ..fileio import TMP_MARK, atomic_path
+from ..distributed import all_gather_object, gather_rows
+from ..fileio import TMP_MARK
 
 log = logging.getLogger("ernievil2.infer")
 
@@ -66,20 +68,11 @@ class OutputLock:
             self.fd = None
 
 
-def new_run_id():
-    return uuid.uuid4().hex[:12]
-
-
-def part_path(output_file, run_id, rank):
-    return f"{output_file}.part-{run_id}-{rank}.npz"
-
-
 def remove_leftovers(output_file):
-    """Parts and temporaries of OUTPUT (and its sidecar) left by a killed or failed run; call
-    only while holding the lock, when no other run can be writing them."""
+    """Temporaries of OUTPUT (and its sidecar) left by a killed or failed run; call only while
+    holding the lock, when no other run can be writing them."""
     folder, base = os.path.split(os.path.abspath(output_file))
-    b = glob.escape(base)
-    patterns = [f"{b}.part-*.npz", f".{b}.part-*{TMP_MARK}*"]
+    patterns = []
     for name in (base, base + ".npz"):  # fileio's temporaries of the output and its sidecar
         stem, ext = os.path.splitext(name)
         patterns.append(f".{glob.escape(stem)}{TMP_MARK}*{glob.escape(ext)}")
@@ -92,31 +85,37 @@ def remove_leftovers(output_file):
                     ", ".join(os.path.basename(p) for p in found))
 
 
-def write_part(output_file, run_id, rank, embeddings):
-    with atomic_path(part_path(output_file, run_id, rank)) as tmp:
-        np.savez(tmp, text=embeddings.text, image=embeddings.image,
-                 line_numbers=embeddings.line_numbers,
-                 skipped=np.asarray([n for n, _ in embeddings.skip_report.entries], np.int64),
-                 problems=np.asarray([p for _, p in embeddings.skip_report.entries], np.str_))
+class Part(NamedTuple):
+    """One rank's share: its rows, their line numbers and the lines it skipped (number, problem)."""
+    text: np.ndarray
+    image: np.ndarray
+    line_numbers: np.ndarray
+    skipped: list
+
+
+def gather_parts(embeddings, rank):
+    """Rank 0: every rank's Part, received over the process group (the nodes of a run need not
+    share a folder); other ranks: None. All ranks call it."""
+    texts, images = gather_rows(embeddings.text), gather_rows(embeddings.image)
+    rest = all_gather_object((embeddings.line_numbers, list(embeddings.skip_report.entries)))
+    if rank != 0:
+        return None
+    return [Part(t, i, lines, skipped) for t, i, (lines, skipped) in zip(texts, images, rest)]
 
 
 def _few(numbers, n=10):
     return ", ".join(map(str, numbers[:n])) + (" ..." if len(numbers) > n else "")
 
 
-def merge_parts(output_file, run_id, world, test_file):
-    """Rank 0: every rank's part of this run, checked to hold exactly the lines of `test_file`
-    that were not skipped, as (text, image, line_numbers) in line order and a SkipReport of the
-    skipped lines (all ranks). The parts are removed."""
-    paths = [part_path(output_file, run_id, r) for r in range(world)]
-    texts, images, lines, skipped = [], [], [], []
+def merge_parts(parts, output_file, test_file):
+    """Every rank's Part, checked to hold exactly the lines of `test_file` that were not skipped,
+    as (text, image, line_numbers) in line order and a SkipReport of the skipped lines."""
+    world = len(parts)
     report = SkipReport(os.fspath(test_file))
-    for path in paths:
-        with np.load(path) as part:
-            texts.append(part["text"]), images.append(part["image"])
-            lines.append(part["line_numbers"]), skipped.append(part["skipped"])
-            report.entries += zip(part["skipped"].tolist(), part["problems"].tolist())
-    lines, skipped = np.concatenate(lines), np.sort(np.concatenate(skipped))
+    for part in parts:
+        report.entries += part.skipped
+    lines = np.concatenate([p.line_numbers for p in parts])
+    skipped = np.sort(np.asarray([n for p in parts for n, _ in p.skipped], np.int64))
     order = np.argsort(lines, kind="stable")
     expected = np.setdiff1d(np.arange(1, count_lines(test_file) + 1), skipped)
     if not np.array_equal(lines[order], expected):
@@ -130,6 +129,5 @@ def merge_parts(output_file, run_id, world, test_file):
             + (f"; lines not in the file {_few(extra)}" if extra else "")
             + (f"; {twice} line(s) embedded twice" if twice else "")
             + " (did the file change during the run?)")
-    for path in paths:
-        os.remove(path)
-    return np.concatenate(texts)[order], np.concatenate(images)[order], lines[order], report
+    return (np.concatenate([p.text for p in parts])[order],
+            np.concatenate([p.image for p in parts])[order], lines[order], report)
