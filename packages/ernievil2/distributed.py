@@ -111,6 +111,7 @@ def folder_writer(folder):
             if n.startswith(prefix) and n.endswith(f"-{token}")]
     barrier()
     os.remove(mark)
+    barrier()  # no mark is left when a writer next lists the folder
     return min(seen) == get_rank()
 
 

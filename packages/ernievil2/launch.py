@@ -1,13 +1,20 @@
-"""Launching: `ernievil2-infer` / `ernievil2-train` (and run_infer.sh / run_train.sh, which call
-this module) start one process or several, as the official run_infer.sh does.
+"""Launching: `ernievil2-infer` / `ernievil2-train` (and run_infer.sh / run_train.sh /
+run_zeroshot.sh, which call this module) start one process or several, as the official
+run_infer.sh does.
 
     ernievil2-infer DEVICES CONFIG [key=value ...] [-v]
 
 DEVICES means what it means in the official script (CUDA_VISIBLE_DEVICES): "2" runs one process on
 card 2; a list "0,1,2,3" runs one process per entry under paddle.distributed.launch (`--devices`
-with a GPU; without one every entry is one CPU process, gloo). NNODES and MASTER (host:port) in
-the environment spread the job over several machines. CONFIG is a YAML path or a shipped config's
-name (demo_tiny).
+with a GPU; without one every entry is one CPU process, gloo). CONFIG is a YAML path or a shipped
+config's name (demo_tiny).
+
+Several machines: run the same command on every machine with NNODES (the number of machines),
+MASTER (host:port of the first machine, a free port there) and NODE_RANK (0 on the first machine,
+1, 2, ... on the others; unset, the machines get their ranks in the order they join) in the
+environment; DEVICES lists each machine's own cards (or CPU processes). The machines need no
+shared folder: rank 0 (the first machine) writes inference's output, every machine keeps
+training checkpoints in its own output_dir.
 
 With several processes the launcher's own output and every process's log go to LAUNCH_LOG_DIR
 (default: the config's log_dir/launch); the console shows rank 0's output without the launcher's
@@ -29,11 +36,20 @@ import sys
 
 from .resources import run_config_path
 
-COMMANDS = {"infer": "run_infer.sh", "train": "run_train.sh"}
+COMMANDS = {"infer": "run_infer.sh", "train": "run_train.sh", "zeroshot": "run_zeroshot.sh"}
 _ACTIONS = {"infer": "Embed a TSV (text \\t image_id \\t base64 image) with ERNIE-ViL 2.0.",
-            "train": "Train ERNIE-ViL 2.0 (multi-view contrastive learning)."}
+            "train": "Train ERNIE-ViL 2.0 (multi-view contrastive learning).",
+            "zeroshot": "Zero-shot classification accuracy on labelled images (eval_zeroshot.py)."}
+# The module each command's processes run: `python -m MODULE [COMMAND] ARGS`.
+WORKERS = {"infer": ["ernievil2.cli", "infer"], "train": ["ernievil2.cli", "train"],
+           "zeroshot": ["ernievil2.zeroshot_cli"]}
+ZEROSHOT_USAGE = ("--classes FILE --images TSV_OR_FOLDER [--lang zh|en] [--templates FILE] "
+                  "[--json OUT]")
 # glog lines, e.g. "W1203 09:31:35.988 12345 init.cc:88] ..."
 GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]")
+# the launcher's rendezvous requests of a multi-machine job, e.g.
+# "[2026-12-03 12:41:14,634] [    INFO] _client.py:1025 - HTTP Request: GET http://..."
+RENDEZVOUS_LINE = re.compile(r"^\[[\d\- :,]+\] \[ *\w+\] \S+\.py:\d+ - HTTP Request: ")
 LAUNCHER_LINE = "LAUNCH "
 LAUNCHER_ERROR = "LAUNCH ERROR"
 BANNER_START = re.compile(r"^=+ Modified FLAGS detected =+$")  # paddle's init_parallel_env
@@ -56,15 +72,20 @@ def parse_devices(devices):
 
 def build_parser(command):
     script = COMMANDS[command]
+    extra = f" {ZEROSHOT_USAGE}" if command == "zeroshot" else ""
     p = argparse.ArgumentParser(
         prog=f"bash {script} (or ernievil2-{command})",
-        usage=f"bash {script} DEVICES CONFIG [key=value ...] [-v]",
-        description=f"{_ACTIONS[command]}\n\n" + "\n\n".join(__doc__.split("\n\n")[2:4]),
+        usage=f"bash {script} DEVICES CONFIG [key=value ...]{extra} [-v]",
+        description=f"{_ACTIONS[command]}\n\n" + "\n\n".join(__doc__.split("\n\n")[2:5]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("devices", metavar="DEVICES",
                    help='a card id ("2": one process) or a list ("0,1,2,3": one process per entry)')
-    p.add_argument("config", metavar="CONFIG", help="YAML config path, or a shipped config's name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of config keys")
+    if command == "zeroshot":
+        from .zeroshot_cli import add_arguments
+        add_arguments(p)
+    else:
+        p.add_argument("config", metavar="CONFIG", help="YAML config path, or a shipped config's name")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of config keys")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the launcher's and Paddle's own output on the console too")
     return p
@@ -104,18 +125,28 @@ def launch_log_dir(log_dir):
 
 
 def launch_command(command, devices, config, overrides, log_dir, gpu, nnodes=None, master=None,
-                   python=sys.executable):
-    """The paddle.distributed.launch command line of a multi-process run."""
+                   python=sys.executable, node_rank=None, options=()):
+    """The paddle.distributed.launch command line of a multi-process run (options: the
+    command's own, e.g. zero-shot's --classes)."""
     cmd = [python, "-m", "paddle.distributed.launch", "--log_dir", log_dir]
     if nnodes:
         if not master:
             raise LaunchError("set MASTER=host:port for several machines (NNODES is set)")
+        if not re.fullmatch(r"[1-9]\d*", str(nnodes)):
+            raise LaunchError(f"NNODES must be the number of machines, got {nnodes!r}")
         cmd += ["--nnodes", str(nnodes), "--master", master]
+        if node_rank:
+            if not (re.fullmatch(r"\d+", str(node_rank)) and int(node_rank) < int(nnodes)):
+                raise LaunchError(f"NODE_RANK must be 0 .. NNODES-1 = {int(nnodes) - 1}, "
+                                  f"got {node_rank!r}")
+            cmd += ["--rank", str(node_rank)]
+    elif node_rank:
+        raise LaunchError("NODE_RANK is set without NNODES (the number of machines) and MASTER")
     if gpu:
         cmd += ["--devices", ",".join(devices)]
     else:  # --devices fails without a GPU; each entry = one CPU process
         cmd += ["--nproc_per_node", str(len(devices))]
-    return cmd + [python, "-u", "-m", "ernievil2.cli", command, config, *overrides]
+    return cmd + [python, "-u", "-m", *WORKERS[command], config, *overrides, *options]
 
 
 class ConsoleFilter:
@@ -150,7 +181,8 @@ class ConsoleFilter:
     def _hidden(self, line):
         if line.startswith(LAUNCHER_ERROR):
             self.failed = True
-        if self.failed or line.startswith(LAUNCHER_LINE) or GLOG_LINE.match(line):
+        if (self.failed or line.startswith(LAUNCHER_LINE) or GLOG_LINE.match(line)
+                or RENDEZVOUS_LINE.match(line)):
             return True
         if self._block == "banner":
             if BANNER_END.match(line):
@@ -199,27 +231,32 @@ def clear_errors(error_dir):
             os.remove(os.path.join(error_dir, name))
 
 
-def run_single(command, devices, config, overrides, verbose):
+def run_single(command, devices, config, overrides, verbose, options=()):
     """One process: this one, on card DEVICES (as the official script's CUDA_VISIBLE_DEVICES)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
     if not verbose:
         os.environ.setdefault("GLOG_minloglevel", "2")
+    if command == "zeroshot":
+        from .cli import run_main
+        from .zeroshot_cli import run
+        return run_main(run, [config, *overrides, *options]) or 0
     from . import cli
     return cli.main([command, config, *overrides])
 
 
-def run_multi(command, devices, config, overrides, verbose):
+def run_multi(command, devices, config, overrides, verbose, options=()):
     from .cli import check_config, run_main
 
-    def check(_):
-        return check_config(command, config, overrides)
+    def check(_):  # zero-shot runs on an inference config
+        return check_config("train" if command == "train" else "infer", config, overrides)
     cfg = run_main(check)  # a bad config: one line here, before any process starts
     config_path = os.path.abspath(run_config_path(config))
     log_dir = launch_log_dir(cfg.log_dir)
     os.makedirs(log_dir, exist_ok=True)
     clear_errors(log_dir)
     cmd = launch_command(command, devices, config_path, overrides, log_dir, has_gpu(),
-                         os.environ.get("NNODES"), os.environ.get("MASTER"))
+                         os.environ.get("NNODES"), os.environ.get("MASTER"),
+                         node_rank=os.environ.get("NODE_RANK"), options=options)
     launcher_log = os.path.join(log_dir, "launcher.log")
     with open(launcher_log, "a", encoding="utf-8") as logfile:
         logfile.write(" ".join(cmd) + "\n")
@@ -257,7 +294,8 @@ def run_multi(command, devices, config, overrides, verbose):
     if errors:
         first = errors[0]
         if not any(first["message"].strip() in line for line in out.shown):
-            where = os.path.join(log_dir, f"workerlog.{first['rank']}")
+            # a machine's processes are ranks k*n .. k*n+n-1, logged as workerlog.0 .. n-1
+            where = os.path.join(log_dir, f"workerlog.{first['rank'] % len(devices)}")
             what = "log" if first.get("user_error") else "traceback"
             print(f"{first['message']} (rank {first['rank']}; {what}: {where})", file=sys.stderr)
         if interrupted:
@@ -268,16 +306,17 @@ def run_multi(command, devices, config, overrides, verbose):
     return 1
 
 
-def launch(command, devices, config, overrides=(), verbose=False):
-    """Run COMMAND (infer or train) on DEVICES; returns the exit status."""
+def launch(command, devices, config, overrides=(), verbose=False, options=()):
+    """Run COMMAND (infer, train or zeroshot) on DEVICES; returns the exit status. options:
+    the command's own (zero-shot's --classes, --images, ...)."""
     devices = parse_devices(devices)
     if len(devices) == 1 and not os.environ.get("NNODES"):
-        return run_single(command, devices, config, list(overrides), verbose)
-    return run_multi(command, devices, config, list(overrides), verbose)
+        return run_single(command, devices, config, list(overrides), verbose, list(options))
+    return run_multi(command, devices, config, list(overrides), verbose, list(options))
 
 
 def main(argv=None):
-    """`python -m ernievil2.launch infer|train DEVICES CONFIG [key=value ...] [-v]`."""
+    """`python -m ernievil2.launch infer|train|zeroshot DEVICES CONFIG [key=value ...] [-v]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m ernievil2.launch {{{','.join(COMMANDS)}}} DEVICES CONFIG "
@@ -289,9 +328,15 @@ def main(argv=None):
     rest = [a for a in rest if a not in ("-v", "--verbose")]
     if len(rest) < 2 and not {"-h", "--help"} & set(rest):
         parser.error("DEVICES and CONFIG are required")
-    args = parser.parse_args(rest)
+    options = []
+    if command == "zeroshot":  # its options may come between or after the key=value overrides
+        from .zeroshot_cli import option_args
+        args = parser.parse_intermixed_args(rest)
+        options = option_args(args)
+    else:
+        args = parser.parse_args(rest)
     try:
-        return launch(command, args.devices, args.config, args.overrides, verbose)
+        return launch(command, args.devices, args.config, args.overrides, verbose, options)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,9 +4,10 @@ config + its checkpoint, any `execution`), on labelled images; see packages/erni
   python eval_zeroshot.py CONFIG [key=value ...] --classes FILE --images TSV_OR_FOLDER
                           [--lang zh|en] [--templates FILE] [--json OUT]
 
-Several processes: `python -m paddle.distributed.launch --nproc_per_node N eval_zeroshot.py ...`
-(`--devices 0,1,..` with GPUs); each classifies its share of the images (TSV line i goes to rank
-(i-1) % N, as in run_infer.sh) and rank 0 prints the result of all of them.
+Several processes: `bash run_zeroshot.sh DEVICES CONFIG [key=value ...] --classes ... --images ...`
+(DEVICES as in run_infer.sh: "0,1,2,3" is 4 processes; NNODES/MASTER/NODE_RANK for several
+machines); each classifies its share of the images (TSV line i goes to rank (i-1) % N, as in
+run_infer.sh) and rank 0 prints the result of all of them.
 """
 import argparse
 import json
@@ -32,9 +33,8 @@ column) or a plain file, one class name a line (line order = class index).
 of --lang)."""
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="eval_zeroshot.py", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p):
+    """CONFIG, the overrides and the options (also run_zeroshot.sh's, after its DEVICES)."""
     p.add_argument("config", help="YAML run config (model, vocab, init_from_params, execution), "
                    "or a shipped config's name")
     p.add_argument("overrides", nargs="*", help="key=value pairs overriding config keys")
@@ -44,6 +44,21 @@ def parse_args(argv):
                    help="class-name column and built-in templates (default zh)")
     p.add_argument("--templates", help="prompt template file (default: the built-in --lang set)")
     p.add_argument("--json", help="also write the metrics, per-class accuracy and confusions here")
+
+
+def option_args(args):
+    """The options of parsed `args` as a command line again (for the launcher's processes)."""
+    out = ["--classes", args.classes, "--images", args.images, "--lang", args.lang]
+    for name in ("templates", "json"):
+        if getattr(args, name):
+            out += [f"--{name}", getattr(args, name)]
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="eval_zeroshot.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     return p.parse_intermixed_args(argv)  # key=value overrides may follow the options
 
 
@@ -105,3 +120,7 @@ def run(argv=None):
 def main(argv=None):
     """Console script ernievil2-zeroshot."""
     sys.exit(run_main(run, argv) or 0)
+
+
+if __name__ == "__main__":  # one process of run_zeroshot.sh
+    main()

@@ -1,5 +1,8 @@
-"""Training checkpoints: one directory per step, `checkpoints/step_XXXXXXXX`, written whole by
-rank 0 through fileio.atomic_dir, so a crash never leaves a half checkpoint.
+"""Training checkpoints: one directory per step, `checkpoints/step_XXXXXXXX`, written whole
+through fileio.atomic_dir, so a crash never leaves a half checkpoint. Rank 0 writes it; when the
+machines of a job do not share output_dir, the first process of every machine writes the same
+directory into its own output_dir (model and optimizer state are the same on every process, and
+each copy holds every process's RNG state), so every machine resumes from its own disk.
 
 Files: model.pdparams (the model's state dict, training-only `train_heads.*` included; alone it is
 an inference checkpoint: run_infer.sh drops those), optimizer.pdopt (Paddle's optimizer state and
@@ -27,7 +30,7 @@ import shutil
 import paddle
 
 from ..checkpoint import CheckpointError, load_file
-from ..distributed import all_gather_object, barrier
+from ..distributed import all_gather_object, barrier, folder_writer
 from ..fileio import atomic_dir
 from ..models.dual_encoder import TRAIN_HEADS_PREFIX
 
@@ -54,13 +57,15 @@ def _pickle(obj, path):
         pickle.dump(obj, f)
 
 
-def save_checkpoint(root, step, model, optimizer, state, rank, world, extras=None):
-    """All ranks call it (each contributes its RNG state); rank 0 writes the directory.
-    state: {'step', 'best', 'rng'}; extras: name -> picklable object (e.g. the EMA weights)."""
+def save_checkpoint(root, step, model, optimizer, state, world, extras=None):
+    """All ranks call it (each contributes its RNG state); one process per folder writes the
+    directory (distributed.folder_writer). state: {'step', 'best', 'rng'}; extras: name ->
+    picklable object (e.g. the EMA weights). Returns (the directory, whether this process wrote it)."""
     rng = all_gather_object(state.pop("rng"))
     final = step_dir(root, step)
-    if rank == 0:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    writer = folder_writer(os.path.dirname(final))
+    if writer:
         with atomic_dir(final) as tmp:
             for r, states in enumerate(rng):
                 _pickle(states, os.path.join(tmp, f"rng_rank{r}.pkl"))
@@ -73,7 +78,7 @@ def save_checkpoint(root, step, model, optimizer, state, rank, world, extras=Non
                 _pickle(obj, os.path.join(tmp, f"extra_{name}.pkl"))
             open(os.path.join(tmp, "COMPLETE"), "w").close()
     barrier()
-    return final
+    return final, writer
 
 
 def prune_checkpoints(root, keep_last, best_step=None):
@@ -172,12 +177,17 @@ def load_checkpoint_dir(path, model, optimizer, rank, world, config=None):
 
 
 def resume_candidates(resume, root):
-    """The step directories to try, in order: resume=auto gives every complete one of root,
-    newest first (a newer one that turns out unreadable falls back to the next)."""
+    """The step directories to try, in order: resume=auto gives every complete one of root that
+    every process has, newest first (a newer one that turns out unreadable falls back to the
+    next). All processes call it."""
     if not resume:
         return []
-    if resume == "auto":
-        return [d for _, d in reversed(list_checkpoints(root))]
-    if not os.path.isfile(os.path.join(resume, "COMPLETE")):
-        raise FileNotFoundError(f"resume: {resume} is not a complete checkpoint directory")
+    if resume == "auto":  # the steps every process has (each machine may keep its own copies)
+        steps = [{s for s, _ in found} for found in all_gather_object(list_checkpoints(root))]
+        return [step_dir(root, s) for s in sorted(set.intersection(*steps), reverse=True)]
+    lacking = [r for r, ok in enumerate(all_gather_object(
+        os.path.isfile(os.path.join(resume, "COMPLETE")))) if not ok]
+    if lacking:
+        where = f" on rank {lacking[0]}'s machine" if lacking != [0] else ""
+        raise FileNotFoundError(f"resume: {resume} is not a complete checkpoint directory{where}")
     return [resume]

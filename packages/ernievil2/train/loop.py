@@ -365,11 +365,11 @@ def train(cfg):
     rank, world = init_distributed()
     set_max_image_pixels(cfg.max_image_pixels)
     check_config(cfg, world)
-    deleted = prepare_output_dir(cfg, rank)
+    deleted = prepare_output_dir(cfg)
     setup_logging(cfg.log_dir or cfg.output_dir, "train.log", rank)
     if deleted:
         log.warning("overwrite: deleted %s from %s", ", ".join(deleted), cfg.output_dir)
-    cfg = prepare(cfg, rank)  # computed object tags, vocab_file auto, embed_file
+    cfg = prepare(cfg)  # computed object tags, vocab_file auto, embed_file
     device, amp = select_device(cfg.device, cfg.amp)
     model = build_model(cfg)
     data = build_data(cfg, model, rank, world)

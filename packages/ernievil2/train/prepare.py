@@ -2,7 +2,8 @@
 the own-data path (configs/own_photos_lite0.yaml) from an image folder's TSV to a model and its
 embeddings with no other tool.
 
-Before training (`prepare`, every process; rank 0 writes, the others wait at a barrier):
+Before training (`prepare`, every process; one process per folder writes (distributed.
+folder_writer: rank 0, or one per machine when output_dir is not shared), the others wait):
 - object tags, when the `tags` view is configured and no line of train_file has a 4th column:
   each image's top-3 ImageNet classes by the Lite0 classifier (init_image_tower when it is the
   Lite0 checkpoint with its head, else the efficientnet-lite0-imagenet download), written once
@@ -20,7 +21,7 @@ import os
 from ..config import Config, ConfigError
 from ..corpus_vocab import tsv_vocab
 from ..data.tsv import iter_records
-from ..distributed import barrier
+from ..distributed import barrier, folder_writer
 from ..fileio import write_text
 from ..models.ernie import load_ernie_config
 from ..pretrained import REGISTRY, cache_path, fetch_command
@@ -34,7 +35,7 @@ TAG_TOPK = 3  # the Flickr8k recipe's tags per image
 EMBED_TRAIN_FILE = "train"  # embed_file value meaning train_file
 
 
-def prepare(cfg, rank):
+def prepare(cfg):
     """cfg with train_file / vocab_file / embed_file as the trainer should use them."""
     if not os.path.isfile(cfg.train_file):
         raise FileNotFoundError(f"train_file not found: {cfg.train_file or '(empty)'}")
@@ -42,13 +43,13 @@ def prepare(cfg, rank):
     out = Config(cfg)
     embed_source = cfg.train_file  # embed_file: train means the user's file, not the tagged copy
     if "tags" in views_of(cfg) and not has_tags(cfg.train_file):
-        out["train_file"] = tagged_train_file(out, rank)
+        out["train_file"] = tagged_train_file(out)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source
     elif cfg.embed_file and not os.path.isfile(cfg.embed_file):  # known now, not after training
         raise FileNotFoundError(f"embed_file not found: {cfg.embed_file}")
     if cfg.vocab_file == AUTO_VOCAB:
-        out["vocab_file"] = auto_vocab(out, rank)
+        out["vocab_file"] = auto_vocab(out)
     return out
 
 
@@ -90,13 +91,13 @@ def tagger_of(classifier, classes, lang):
     return ObjectTagger(model, names, topk=TAG_TOPK)
 
 
-def tagged_train_file(cfg, rank):
+def tagged_train_file(cfg):
     """output_dir/train_tags.tsv: train_file with computed tags (made once, then reused)."""
     from ..tagging import extract_tags
 
     tagged = os.path.join(cfg.output_dir, "train_tags.tsv")
     stamp_path = tagged + ".json"
-    if rank == 0:
+    if folder_writer(cfg.output_dir):
         source = os.stat(cfg.train_file)
         classifier = classifier_path(cfg)
         classes = os.path.abspath(cfg.tag_classes) if cfg.tag_classes else ""
@@ -128,10 +129,10 @@ def read_stamp(path):
 
 
 # ----------------------------------------------------------------------------------------- vocab
-def auto_vocab(cfg, rank):
+def auto_vocab(cfg):
     """output_dir/vocab.txt built from the training captions and tags."""
     path = os.path.join(cfg.output_dir, "vocab.txt")
-    if rank == 0:
+    if folder_writer(cfg.output_dir):
         rows = load_ernie_config(cfg.text_model_config)["vocab_size"]
         try:
             tokens, min_freq = tsv_vocab([cfg.train_file], max_size=rows)

@@ -18,7 +18,7 @@ import yaml
 
 from ..checkpoint import UnreadableCheckpoint, inference_state_dict, save_state_dict
 from ..config import ConfigError
-from ..distributed import all_gather_object, barrier
+from ..distributed import all_gather_object, barrier, folder_writer
 from ..fileio import atomic_write
 from ..keys import INFER_KEYS
 from ..launch import launch_log_dir
@@ -54,23 +54,29 @@ def run_entries(cfg, with_logs=False):
                                          and name.endswith(".log"))))
 
 
-def prepare_output_dir(cfg, rank):
+def prepare_output_dir(cfg):
     """A new run needs an unused output_dir: two runs in one folder would mix their checkpoints,
     final model and train.jsonl (and resume=auto would pick the other run's step). resume
-    continues the run there; overwrite=true empties it first. Returns what was deleted."""
+    continues the run there; overwrite=true empties it first (one process per folder: see
+    distributed.folder_writer). Every process stops when any process's output_dir is used.
+    Returns what was deleted."""
     used = run_entries(cfg)
+    problem = None
     if used and not cfg.resume and not cfg.overwrite:
         shown = ", ".join(used[:4]) + (", ..." if len(used) > 4 else "")
-        raise ConfigError(f"output_dir {cfg.output_dir} is not empty ({shown}): continue its run "
-                          f"with resume=auto, replace it with overwrite=true, or choose another "
-                          f"output_dir")
-    barrier()  # every process looked before rank 0 deletes anything
-    if cfg.overwrite and rank == 0:
+        problem = (f"output_dir {cfg.output_dir} is not empty ({shown}): continue its run with "
+                   f"resume=auto, replace it with overwrite=true, or choose another output_dir")
+    problems = all_gather_object(problem)
+    for rank, problem in enumerate(problems):
+        if problem:
+            raise ConfigError(problem + (f" (on rank {rank}'s machine)" if rank else ""))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    writer = folder_writer(cfg.output_dir)  # every process looked before anything is deleted
+    if cfg.overwrite and writer:
         used = run_entries(cfg, with_logs=True)  # train.log is not open yet
         for name in used:
             path = os.path.join(cfg.output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     barrier()
     return used if cfg.overwrite else []
 
@@ -88,9 +94,9 @@ def save_step(run):
     state = {"step": run.step, "best": run.best, "rng": get_rng_states(),
              "config": resume_signature(run.cfg)}
     extras = {"ema": run.ema.state_dict()} if run.ema is not None else None
-    ckpt.save_checkpoint(run.cfg.output_dir, run.step, run.model, run.optimizer, state, run.rank,
-                         run.world, extras)
-    if run.rank == 0:
+    _, writer = ckpt.save_checkpoint(run.cfg.output_dir, run.step, run.model, run.optimizer, state,
+                                     run.world, extras)
+    if writer:
         ckpt.prune_checkpoints(run.cfg.output_dir, run.cfg.keep_last, run.best["step"])
     run.last_save = time.time()
 
@@ -108,15 +114,22 @@ def resume(run, path):
 
 
 def resume_latest(run, candidates):
-    """Resume from the first loadable step directory; an unreadable one (e.g. a truncated file
-    under its COMPLETE marker) falls back to the one before, with a warning."""
+    """Resume from the first step directory every process can load; an unreadable one (e.g. a
+    truncated file under its COMPLETE marker, on any machine) falls back to the one before, with
+    a warning."""
     for i, path in enumerate(candidates):
         try:
-            return resume(run, path)
+            resume(run, path)
+            failed = None
         except UnreadableCheckpoint as e:
-            if i + 1 == len(candidates):
-                raise
-            log.warning("cannot resume from %s (%s); falling back to %s", path, e, candidates[i + 1])
+            failed = e
+        failures = [(r, f) for r, f in enumerate(all_gather_object(failed and str(failed))) if f]
+        if not failures:
+            return
+        rank, why = failures[0]
+        if i + 1 == len(candidates):
+            raise failed or UnreadableCheckpoint(f"{why} (on rank {rank}'s machine)")
+        log.warning("cannot resume from %s (%s); falling back to %s", path, why, candidates[i + 1])
 
 
 # ------------------------------------------------------------------------------------- final model
@@ -137,8 +150,10 @@ def infer_config(cfg, model_path):
 
 def write_final(run):
     """output_dir/final/{model.pdparams, infer.yaml}: what run_infer.sh needs. The model file
-    holds the inference names only (no training-only temperatures)."""
-    if run.rank != 0:
+    holds the inference names only (no training-only temperatures). Written where checkpoints
+    are (by rank 0, and on every machine when output_dir is not shared): embed_file is embedded
+    with it by every process."""
+    if not folder_writer(run.cfg.output_dir):
         return
     final = os.path.join(run.cfg.output_dir, "final")
     os.makedirs(final, exist_ok=True)
