@@ -119,6 +119,7 @@ def test_a_briefly_trained_demo_model_classifies_drawn_shapes_above_chance(tmp_p
     (tmp_path / "templates.txt").write_text("{}\n一个{}\n", encoding="utf-8")
     vocab = str(tmp_path / "vocab.txt")
     write_vocab(build_vocab(names + ["一个"]), vocab)
+    held_out = drawn_tsv(tmp_path / "test.tsv", np.random.default_rng(1), 90, True)
     demo = yaml.safe_load((ROOT / "packages" / "configs" / "demo_tiny.yaml").read_text(encoding="utf-8"))
     cfg = {"device": "cpu", "max_text_seqlen": 16, "vocab_file": vocab,
            "text_model_config": demo["text_model_config"], "image_model": demo["image_model"],
@@ -127,11 +128,12 @@ def test_a_briefly_trained_demo_model_classifies_drawn_shapes_above_chance(tmp_p
            "batch_size": 32, "max_steps": 150, "lr": 1e-3, "warmup_steps": 15, "augment": False, "save_every": 1000,
            "log_every": 20, "val_every": 1000, "num_workers": 0, "views": [["image", "text", 1.0]],
            # a batch holds each class several times: rows of one label are positives of each other
-           "targets": "unicl", "unicl_key": "label"}
+           "targets": "unicl", "unicl_key": "label",
+           # zero-shot validation only (no val_file), at the last step
+           "val_zeroshot_file": held_out, "val_zeroshot_classes": str(tmp_path / "classes.txt"),
+           "val_zeroshot_templates": str(tmp_path / "templates.txt")}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     train(load_train_config(str(tmp_path / "train.yaml")))
-
-    held_out = drawn_tsv(tmp_path / "test.tsv", np.random.default_rng(1), 90, True)
     out = tmp_path / "zs.json"
     zeroshot_run([str(tmp_path / "out" / "final" / "infer.yaml"), "--images", held_out,
                   "--classes", str(tmp_path / "classes.txt"), "--templates",
@@ -142,6 +144,16 @@ def test_a_briefly_trained_demo_model_classifies_drawn_shapes_above_chance(tmp_p
     assert "top-1" in table and "chance %" in table
     assert result["images"] == 90 and result["classes"] == 9
     assert result["top1"] >= 2 * result["chance_top1"], result
+    # the validation during training classified the same images with the same final weights
+    records = [json.loads(line) for line in open(tmp_path / "out" / "train.jsonl", encoding="utf-8")]
+    during = [r["validation"] for r in records if "validation" in r]
+    assert len(during) == 1 and set(during[0]) == {"zeroshot"}  # no val_file: no recalls
+    assert during[0]["zeroshot"]["images"] == 90 and during[0]["zeroshot"]["classes"] == 9
+    assert during[0]["zeroshot"]["top1"] == pytest.approx(100 * result["top1"], abs=100 / 90)
+    assert during[0]["zeroshot"]["top5"] == pytest.approx(100 * result["top5"], abs=100 / 90)
+    assert during[0]["zeroshot"]["chance_top1"] == pytest.approx(100 / 9)
+    log = (tmp_path / "out" / "train.log").read_text(encoding="utf-8")
+    assert f"validation: zero-shot top-1 {during[0]['zeroshot']['top1']:.2f} top-5" in log
 
     # the compiled towers and the exported ones in predictors classify the same way
     for mode in ("to_static", "inference"):
@@ -152,16 +164,23 @@ def test_a_briefly_trained_demo_model_classifies_drawn_shapes_above_chance(tmp_p
         other = json.loads((tmp_path / f"{mode}.json").read_text(encoding="utf-8"))
         assert other["top1"] == pytest.approx(result["top1"], abs=1 / 90), mode
 
-    # two processes, each with its share of the lines: the same result as one
-    r = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--log_dir",
-                        str(tmp_path / "launch"), "--nproc_per_node", "2", str(ROOT / "eval_zeroshot.py"),
-                        str(tmp_path / "out" / "final" / "infer.yaml"), "--images", held_out, "--classes",
-                        str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"),
-                        "--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    # run_zeroshot.sh: two processes, each with its share of the lines, give the result of one
+    by_devices = {}
+    for devices in ("0", "0,1"):
+        out = tmp_path / f"devices{devices.replace(',', '')}.json"
+        r = subprocess.run(["bash", str(ROOT / "run_zeroshot.sh"), devices,
+                            str(tmp_path / "out" / "final" / "infer.yaml"), "--images", held_out,
+                            "--classes", str(tmp_path / "classes.txt"), "infer_batch_size=7",
+                            "--templates", str(tmp_path / "templates.txt"), "--json", str(out)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env={**os.environ, "LAUNCH_LOG_DIR": str(tmp_path / "launch")})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "90 images, 9 classes" in r.stdout and "LAUNCH" not in r.stdout + r.stderr
+        by_devices[devices] = json.loads(out.read_text(encoding="utf-8"))
+    one, two = by_devices["0"], by_devices["0,1"]
     assert (two["top1"], two["top5"], two["per_class"], two["confusions"]) == \
-        (result["top1"], result["top5"], result["per_class"], result["confusions"])
+        (one["top1"], one["top5"], one["per_class"], one["confusions"])
+    assert one["top1"] == pytest.approx(result["top1"], abs=1 / 90)  # another batch size
 
 
 # ------------------------------------------------------------------- real photos, end to end
@@ -207,3 +226,23 @@ def test_the_command_runs_on_the_lite0_photos_as_tsv_and_as_class_folders(tmp_pa
     assert r.stderr.strip().splitlines()[-1] == f"error: {bad}:2: label 'not a class' is not a class " \
                                                 "of the class-name file"
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_zero_shot_validation_keys_are_read_before_training(tmp_path):
+    from ernievil2.cli import load_train_config
+    from ernievil2.config import ConfigError
+    from ernievil2.train.validate import zeroshot_task
+    images = drawn_tsv(tmp_path / "val.tsv", np.random.default_rng(2), 4, True)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red circle\nblue square\n", encoding="utf-8")
+    assert zeroshot_task(load_train_config(None, [])) is None
+    with pytest.raises(ConfigError, match="val_zeroshot_file needs val_zeroshot_classes"):
+        zeroshot_task(load_train_config(None, [("val_zeroshot_file", images)]))
+    with pytest.raises(FileNotFoundError, match="val_zeroshot_templates not found: nowhere.txt"):
+        zeroshot_task(load_train_config(None, [("val_zeroshot_file", images),
+                                               ("val_zeroshot_classes", str(classes)),
+                                               ("val_zeroshot_templates", "nowhere.txt")]))
+    task = zeroshot_task(load_train_config(None, [("val_zeroshot_file", images), ("val_zeroshot_lang", "en"),
+                                                  ("val_zeroshot_classes", str(classes))]))
+    assert task.names == ["red circle", "blue square"] and task.templates == TEMPLATES["en"]
+    assert task.resolve("blue square", "f", 1) == 1

@@ -70,6 +70,18 @@ def _opt_num(v):
 TRAIN_KEYS = {
     "train_file": Key("", is_str, "a path", "training TSV: text \\t image_id \\t base64 [\\t tags [\\t label]]"),
     "val_file": Key("", is_str, "a path or empty", "validation TSV scored every val_every steps (both protocols)"),
+    "val_zeroshot_file": Key("", is_str, "a path or empty",
+                             "labelled images classified zero-shot at every validation (top-1 / top-5 in the log "
+                             "and train.jsonl): a TSV whose 5th column is the class (index or name), or a folder of "
+                             "class sub-folders; needs val_zeroshot_classes"),
+    "val_zeroshot_classes": Key("", is_str, "a path or empty",
+                                "class names of val_zeroshot_file: imagenet_classes.tsv (val_zeroshot_lang picks "
+                                "the column) or one name a line"),
+    "val_zeroshot_lang": Key("zh", one_of("zh", "en"), "zh or en",
+                             "class-name column and built-in prompt templates of the zero-shot validation"),
+    "val_zeroshot_templates": Key("", is_str, "a path or empty",
+                                  "prompt templates, one a line with one {} for the class name; empty = the "
+                                  "built-in val_zeroshot_lang set"),
     "output_dir": Key("./output", is_str, "a path", "checkpoints, train.jsonl and the final model"),
     "batch_size": Key(32, is_int(1), "a positive int", "GLOBAL batch (all processes), the number of in-batch negatives"),
     "micro_batch_size": Key(0, is_int(0), "an int >= 0", "rows per encoder call on each process (GradCache); 0 = the whole local batch"),

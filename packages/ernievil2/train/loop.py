@@ -34,7 +34,7 @@ from .optim import build_optimizer, freeze, lr_at
 from .prepare import embed_after_training, prepare
 from .runs import (Interrupted, StopSignals, agree, eval_weights, log_estimate,
                    prepare_output_dir, resume_latest, save_step, write_final)
-from .validate import validate
+from .validate import ZeroShotTask, validate, validate_zeroshot, zeroshot_task
 
 log = logging.getLogger("ernievil2.train")
 IMAGE_VIEWS = ("image", "image_aug")
@@ -49,6 +49,7 @@ class Data:
     tokenizer: Any
     train_transform: Callable
     eval_transform: Callable
+    zeroshot: Optional[ZeroShotTask] = None  # val_zeroshot_file's images, classes, templates
 
 
 @dataclass
@@ -131,12 +132,13 @@ def build_data(cfg, model, rank, world):
                        need_labels=cfg.targets == "unicl" and cfg.unicl_key == "label")
     if cfg.val_file:  # validation first runs after val_every steps: check its file now
         TrainIndex(cfg.val_file, kind="validation")
+    zeroshot = zeroshot_task(cfg)
     cap_batch_size(cfg, len(index), world)
     sampler = EpochSampler(len(index), cfg.batch_size, cfg.seed)
     batcher = MultiViewBatcher(index, views, tokenizer, train_tf, eval_tf, cfg.seed, rank, world,
                                cfg.text_aug, cfg.text_mask_prob, cfg.augment, cfg.num_workers,
                                id_source=cfg.unicl_key)
-    return Data(views, index, sampler, batcher, tokenizer, train_tf, eval_tf)
+    return Data(views, index, sampler, batcher, tokenizer, train_tf, eval_tf, zeroshot)
 
 
 def cap_batch_size(cfg, lines, world):
@@ -290,17 +292,30 @@ def log_step(run, epoch, info, samples_per_s):
 
 
 def run_validation(run, data):
-    """Rank 0 scores val_file; returns the result (None elsewhere or without val_file)."""
-    if not run.cfg.val_file:
+    """Rank 0 scores val_file (retrieval) and val_zeroshot_file (zero-shot classification, under
+    "zeroshot"); returns the result (None elsewhere or without either)."""
+    if not (run.cfg.val_file or data.zeroshot):
         return None
     result = None
     if run.rank == 0:
+        result, figures = {}, []
+
+        def encode_texts(texts):
+            return data.tokenizer.batch_encode(texts, padding="longest")
         with eval_weights(run):
-            result = validate(run.model, run.cfg.val_file, data.eval_transform,
-                              lambda t: data.tokenizer.batch_encode(t, padding="longest"),
-                              run.cfg.val_batch_size, run.cfg.num_workers)
-        log.info("step %d validation: mean recall %s (official protocol), %s (multi-caption)",
-                 run.step, *(both_figures(result, p) for p in ("official", "multi_caption")))
+            if run.cfg.val_file:
+                result = validate(run.model, run.cfg.val_file, data.eval_transform, encode_texts,
+                                  run.cfg.val_batch_size, run.cfg.num_workers)
+                official, multi = (both_figures(result, p) for p in ("official", "multi_caption"))
+                figures.append(f"mean recall {official} (official protocol), {multi} (multi-caption)")
+            if data.zeroshot:
+                zs = result["zeroshot"] = validate_zeroshot(
+                    run.model, data.zeroshot, data.eval_transform, encode_texts,
+                    run.cfg.val_batch_size, run.cfg.num_workers)
+                figures.append(f"zero-shot top-1 {zs['top1']:.2f} top-5 {zs['top5']:.2f} (chance "
+                               f"{zs['chance_top1']:.2f} / {zs['chance_top5']:.2f}, "
+                               f"{zs['images']} images)")
+        log.info("step %d validation: %s", run.step, "; ".join(figures))
         append_record(run, {"step": run.step, "validation": result})
     barrier()
     set_train_modes(run)
@@ -316,9 +331,11 @@ def both_figures(result, protocol):
 
 def update_best(run, val):
     """The best step by the pessimistic multi-caption mean recall: ties count against the model,
-    so collapsed embeddings (all equal, optimistic recall 100) never become the best."""
+    so collapsed embeddings (all equal, optimistic recall 100) never become the best. Without
+    val_file, by the zero-shot top-1."""
     if val is not None:
-        score = val["multi_caption_pessimistic"]["MeanRecall"]["meanRecall"]
+        score = (val["multi_caption_pessimistic"]["MeanRecall"]["meanRecall"]
+                 if "multi_caption_pessimistic" in val else val["zeroshot"]["top1"])
         if score > run.best["score"]:
             run.best = {"step": run.step, "score": score}
 
