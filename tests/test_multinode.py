@@ -40,9 +40,10 @@ def one_node(tmp_path, script, config, *over):
     return cwd
 
 
-def two_nodes(tmp_path, script, config, *over):
+def two_nodes(tmp_path, script, config, *over, check=True):
     """`NNODES=2 MASTER=127.0.0.1:PORT NODE_RANK=k bash SCRIPT 0 CONFIG` twice at once, node k
-    in tmp_path/nodeK; returns the two working folders and node 0's console."""
+    in tmp_path/nodeK; returns the two working folders and node 0's console (check=False: the
+    two (exit status, stderr))."""
     master = f"127.0.0.1:{free_port()}"
     procs, cwds = [], []
     for rank in range(2):
@@ -55,6 +56,8 @@ def two_nodes(tmp_path, script, config, *over):
                                       text=True))
         cwds.append(cwd)
     outs = [p.communicate(timeout=900) for p in procs]
+    if not check:
+        return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
     for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
         logs = "".join(f.read_text(errors="replace")[-2000:]
                        for f in (cwds[rank] / "launch").glob("workerlog.*"))
@@ -85,6 +88,22 @@ def test_inference_on_two_nodes_writes_the_file_of_two_processes_on_one(tmp_path
         assert (node0 / "out" / name).read_bytes() == (one / "out" / name).read_bytes(), name
     assert not (node1 / "out").exists()  # node 1 sent its rows to rank 0; it wrote no file
     assert "HTTP Request" not in console and "LAUNCH" not in console  # the rendezvous is quiet
+
+
+def test_an_error_on_one_node_is_its_one_line_and_the_other_node_points_there(tmp_path):
+    cfg = tiny_config(tmp_path / "data", output_file="out/emb.out", log_dir="log")
+    lines = open(cfg["test_file"], encoding="utf-8").read().splitlines()
+    lines[1] = "a line without its columns"  # line 2: rank 1's, on node 1
+    open(cfg["test_file"], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    config = tmp_path / "infer.yaml"
+    config.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    (rc0, err0), (rc1, err1) = two_nodes(tmp_path, "run_infer.sh", str(config), check=False)
+    assert rc1 == 1 and err1.strip().splitlines() == [
+        f"error: {cfg['test_file']}:2: expected 3 to 5 tab-separated columns (text, image_id, "
+        f"base64 image[, tags[, label]]), found 1 (rank 1; log: {tmp_path / 'node1' / 'launch' / 'workerlog.0'})"]
+    assert rc0 == 1 and "Traceback" not in err0
+    assert err0.strip().splitlines()[-1].endswith("the cause may be on another machine: see its console)")
+    assert not (tmp_path / "node0" / "out" / "emb.out").exists()
 
 
 def _weights(path):

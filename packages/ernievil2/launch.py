@@ -297,7 +297,11 @@ def run_multi(command, devices, config, overrides, verbose, options=()):
             # a machine's processes are ranks k*n .. k*n+n-1, logged as workerlog.0 .. n-1
             where = os.path.join(log_dir, f"workerlog.{first['rank'] % len(devices)}")
             what = "log" if first.get("user_error") else "traceback"
-            print(f"{first['message']} (rank {first['rank']}; {what}: {where})", file=sys.stderr)
+            # a peer's failure reaches this machine as a collective's timeout or a lost connection
+            elsewhere = ("; the cause may be on another machine: see its console"
+                         if os.environ.get("NNODES") and not first.get("user_error") else "")
+            print(f"{first['message']} (rank {first['rank']}; {what}: {where}{elsewhere})",
+                  file=sys.stderr)
         if interrupted:
             return 130
     else:
