@@ -20,6 +20,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .data.pipeline import BatchLoader
 from .data.tsv import DataError
 from .tags import CLASSES_HEADER, clean_class_name, load_class_names
 
@@ -149,6 +150,20 @@ def tsv_batches(loader, resolve: LabelResolver) -> Iterator[LabelledBatch]:
                   for label, line in zip(batch.labels, batch.line_numbers)]
         yield LabelledBatch(batch.images, np.array(labels, np.int64),
                             [f"{loader.path}:{int(n)}" for n in batch.line_numbers])
+
+
+def labelled_batches(images, resolve: LabelResolver, batch_size: int, transform: Callable,
+                     decode: Callable, rank: int = 0, world: int = 1, **loader_kw) -> Iterator[LabelledBatch]:
+    """This process's share of `images` (a labelled TSV: line i goes to rank (i-1) % world, as
+    in run_infer.sh; or a folder of class sub-folders: every world-th image) in batches;
+    loader_kw: BatchLoader's (num_workers, prefetch)."""
+    if os.path.isdir(images):
+        items = folder_images(images, resolve)[rank::world]
+        return folder_batches(items, batch_size, transform, decode)
+    loader = BatchLoader(images, batch_size, image_transform=transform,
+                         text_encoder=lambda texts: [[0]] * len(texts),  # texts are not used
+                         decode_image=decode, rank=rank, world_size=world, **loader_kw)
+    return tsv_batches(loader, resolve)
 
 
 # ------------------------------------------------------------------------------- the classifier

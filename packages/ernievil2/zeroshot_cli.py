@@ -74,7 +74,6 @@ def run(argv=None):
     templates = zs.load_templates(args.templates) if args.templates else zs.TEMPLATES[args.lang]
     resolve = zs.LabelResolver(names)
 
-    from .data.pipeline import BatchLoader
     from .device import select_device
     from .distributed import all_gather_object, init_distributed
     from .engine.infer import build_towers
@@ -88,16 +87,9 @@ def run(argv=None):
     logger.info("%d classes x %d templates, execution %s", len(names), len(templates), cfg.execution)
     class_emb = zs.class_embeddings(lambda texts: towers.encode_text(encode_texts(texts)), names,
                                     templates, cfg.infer_batch_size)
-    if os.path.isdir(args.images):
-        items = zs.folder_images(args.images, resolve)[rank::world]
-        batches = zs.folder_batches(items, cfg.infer_batch_size, transform, decode_image)
-    else:
-        loader = BatchLoader(args.images, cfg.infer_batch_size, image_transform=transform,
-                             text_encoder=lambda texts: [[0]] * len(texts),  # texts are not used
-                             decode_image=decode_image, rank=rank, world_size=world,
-                             num_workers=cfg.num_workers,
-                             prefetch=cfg.prefetch)
-        batches = zs.tsv_batches(loader, resolve)
+    batches = zs.labelled_batches(args.images, resolve, cfg.infer_batch_size, transform,
+                                  decode_image, rank, world, num_workers=cfg.num_workers,
+                                  prefetch=cfg.prefetch)
     result = zs.classify(towers.encode_image, class_emb, batches)  # this process's share
     shares = all_gather_object((result.predictions, result.labels))
     if rank != 0:

@@ -66,14 +66,8 @@ def zeroshot_task(cfg):
 def validate_zeroshot(model, task, transform, encode_texts, batch_size=64, num_workers=2):
     """{'top1', 'top5', 'chance_top1', 'chance_top5'} in %, with 'images' and 'classes': the
     class embeddings of the current model (computed once), then every image of the task."""
-    if os.path.isdir(task.images):
-        batches = zs.folder_batches(zs.folder_images(task.images, task.resolve), batch_size,
-                                    transform, decode_image)
-    else:
-        loader = BatchLoader(task.images, batch_size, image_transform=transform,
-                             text_encoder=lambda texts: [[0]] * len(texts),  # texts are not used
-                             decode_image=decode_image, num_workers=num_workers)
-        batches = zs.tsv_batches(loader, task.resolve)
+    batches = zs.labelled_batches(task.images, task.resolve, batch_size, transform, decode_image,
+                                  num_workers=num_workers)
     with evaluating(model):
         towers = model_towers(model)
         class_emb = zs.class_embeddings(lambda t: towers.encode_text(encode_texts(t)), task.names,
