@@ -2,6 +2,7 @@
 process each (NNODES=2 MASTER=127.0.0.1:PORT NODE_RANK=0/1), each in its own working folder, so
 the nodes share no output folder. Training gives the weights of 2 processes on one node, every
 node keeps checkpoints it can resume from, and inference writes the same output file on node 0."""
+import json
 import os
 import shutil
 import socket
@@ -76,6 +77,22 @@ def test_the_launch_command_of_a_node():
         with pytest.raises(launch.LaunchError, match=problem):
             launch.launch_command("train", ["0"], "/c.yaml", [], "L", gpu=False, nnodes=nnodes,
                                   master="h:1", node_rank=rank)
+
+
+def test_rows_travel_in_rounds_and_each_folder_gets_one_writer(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                        "--log_dir", str(tmp_path / "log"), str(ROOT / "tests" / "_dist_multinode_worker.py"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "log").glob("workerlog.*"))
+    assert r.returncode == 0, logs
+    got = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    # rank 0 received every rank's rows in order, whole, from 3 rounds of 2 rows
+    assert got[0]["gathered"]["ragged"] == [[[0, i, -i] for i in range(5)], []]
+    assert got[0]["gathered"]["empty0"] == [[], [[1, i, -i] for i in range(3)]]
+    # one folder both see: rank 0 writes it; a folder of each rank's own: each writes its own
+    assert [g["writers"] for g in got] == [{"shared": True, "own": True}, {"shared": False, "own": True}]
+    assert got[0]["left"] == [] and got[1]["left"] == []  # no marker is left behind
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
 def test_inference_on_two_nodes_writes_the_file_of_two_processes_on_one(tmp_path):

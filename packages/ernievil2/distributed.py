@@ -103,14 +103,14 @@ def folder_writer(folder):
     if not is_distributed():
         return True
     token = all_gather_object(uuid.uuid4().hex[:12])[0]
-    mark = os.path.join(folder, f".ernievil2-rank-{get_rank()}-{token}")
-    open(mark, "w").close()
+
+    def mark(rank):  # names never looked up before: no client's cache (NFS) can answer for them
+        return os.path.join(folder, f".ernievil2-rank-{rank}-{token}")
+    open(mark(get_rank()), "w").close()
     barrier()
-    prefix = ".ernievil2-rank-"
-    seen = [int(n[len(prefix):].split("-")[0]) for n in os.listdir(folder)
-            if n.startswith(prefix) and n.endswith(f"-{token}")]
+    seen = [r for r in range(get_world_size()) if os.path.exists(mark(r))]
     barrier()
-    os.remove(mark)
+    os.remove(mark(get_rank()))
     barrier()  # no mark is left when a writer next lists the folder
     return min(seen) == get_rank()
 
