@@ -71,6 +71,10 @@ def test_the_launch_command_of_a_node():
                                 master="10.0.0.1:8090", node_rank="1", python="py")
     assert cmd[3:12] == ["--log_dir", "L", "--nnodes", "2", "--master", "10.0.0.1:8090", "--rank", "1",
                          "--nproc_per_node"]
+    zs = launch.launch_command("zeroshot", ["0", "1"], "/c.yaml", ["a=1"], "L", gpu=False, python="py",
+                               options=["--classes", "c.txt", "--images", "i.tsv"])
+    assert zs[-8:] == ["-m", "ernievil2.zeroshot_cli", "/c.yaml", "a=1", "--classes", "c.txt", "--images",
+                       "i.tsv"]
     for nnodes, rank, problem in (("2", "2", "NODE_RANK must be 0 .. NNODES-1 = 1"),
                                   ("two", None, "NNODES must be the number of machines"),
                                   (None, "1", "NODE_RANK is set without NNODES")):

@@ -154,7 +154,7 @@ def test_the_tags_view_without_tags_or_a_classifier_names_the_download(tmp_path,
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
     with pytest.raises(ConfigError, match=f"t.tsv: the tags view needs object tags .* run "
                                           f"`ernievil2-download {LITE0}`"):
-        prep.prepare(cfg, 0)
+        prep.prepare(cfg)
     # an image tower that names a download not there says how to fetch it, when the config is read
     with pytest.raises(FileNotFoundError, match=f"run `ernievil2-download {LITE0}`"):
         _train_cfg(tmp_path, train_file=train, init_image_tower=LITE0)
@@ -165,7 +165,7 @@ def test_tags_present_are_kept_and_feed_the_auto_vocab(tmp_path, monkeypatch):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1, "tabby cat"), ("a dog", "b", 2, "beagle")])
     cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto", embed_file="train",
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
-    out = prep.prepare(cfg, 0)
+    out = prep.prepare(cfg)
     assert out.train_file == out.embed_file == train
     assert out.vocab_file == str(tmp_path / "out" / "vocab.txt")
     vocab = load_vocab(out.vocab_file)
@@ -182,34 +182,34 @@ def test_tags_are_computed_once_and_reused(tmp_path, monkeypatch):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1), ("另一只猫", "a", 1), ("a dog", "b", 2)])
     cfg = _train_cfg(tmp_path, train_file=train, tag_classes=str(classes), tag_lang="en",
                      views=[["image", "text", 1.0], ["image", "tags", 0.5]])
-    out = prep.prepare(cfg, 0)
+    out = prep.prepare(cfg)
     assert out.train_file == str(tmp_path / "out" / "train_tags.tsv")
     tags = list(read_column(out.train_file, 3))
     assert tags[0] == tags[1] and all(t.startswith("thing ") and len(t.split()) == 6 for t in tags)
     calls = []
     monkeypatch.setattr("ernievil2.tagging.extract_tags", lambda *a, **k: calls.append(a) or (0, 0))
-    prep.prepare(cfg, 0)
+    prep.prepare(cfg)
     assert calls == []  # same source, classifier and names: the tagged copy is reused
     prep.prepare(_train_cfg(tmp_path, train_file=train, tag_classes=str(classes), tag_lang="zh",
-                            views=[["image", "text", 1.0], ["image", "tags", 0.5]]), 0)
+                            views=[["image", "text", 1.0], ["image", "tags", 0.5]]))
     assert len(calls) == 1  # other names: computed again
 
 
 def test_a_missing_embed_file_is_reported_before_training(tmp_path):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1)])
     with pytest.raises(FileNotFoundError, match="embed_file not found: .*photos.tsv"):
-        prep.prepare(_train_cfg(tmp_path, train_file=train, embed_file=str(tmp_path / "photos.tsv")), 0)
+        prep.prepare(_train_cfg(tmp_path, train_file=train, embed_file=str(tmp_path / "photos.tsv")))
 
 
 def test_a_resumed_run_must_find_the_same_auto_vocab(tmp_path, monkeypatch):
     train = _tsv(tmp_path / "t.tsv", [("一只猫", "a", 1), ("a dog", "b", 2)])
     cfg = _train_cfg(tmp_path, train_file=train, vocab_file="auto")
-    prep.prepare(cfg, 0)
+    prep.prepare(cfg)
     cfg["resume"] = "auto"
-    prep.prepare(cfg, 0)  # the same captions: the same vocab
+    prep.prepare(cfg)  # the same captions: the same vocab
     _tsv(tmp_path / "t.tsv", [("一只狗", "a", 1), ("a dog", "b", 2)])
     with pytest.raises(ConfigError, match="give another vocab than .*vocab.txt, which the checkpoint"):
-        prep.prepare(cfg, 0)
+        prep.prepare(cfg)
 
 
 def test_fitted_vocab_leaves_out_rare_words_but_every_character():
