@@ -37,7 +37,7 @@ def test_console_scripts_name_existing_functions():
     import tomllib
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download",
-                            "ernievil2-zeroshot"}
+                            "ernievil2-zeroshot", "ernievil2-index", "ernievil2-search", "ernievil2-serve"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
@@ -85,7 +85,7 @@ def test_installed_package_works_from_another_folder(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for script in ("ernievil2-infer", "ernievil2-train", "ernievil2-eval", "ernievil2-download",
-                   "ernievil2-zeroshot"):
+                   "ernievil2-zeroshot", "ernievil2-index", "ernievil2-search", "ernievil2-serve"):
         assert (bin_dir / script).is_file(), script
 
     work = tmp_path / "elsewhere"
