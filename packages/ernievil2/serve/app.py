@@ -176,10 +176,11 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
                            f"over the limit of {pixel_limit:,} pixels")
         return data
 
-    def encode_upload(data: bytes) -> np.ndarray:
+    def model(fn, *args, **kwargs):
+        """One model call at a time; an image the decoder refuses is the client's error."""
         try:
             with model_lock:
-                return searcher.encode_image_bytes(data)
+                return fn(*args, **kwargs)
         except ImageDecodeError as e:
             raise ApiError(400, f"image: {e}") from None
 
@@ -188,6 +189,10 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
             {"rank": h.rank, "score": round(float(h.score), 6), "row": int(h.row),
              "image_id": h.image_id, "caption": h.caption, "thumbnail": f"/thumbs/{int(h.row)}"}
             for h in hits]}
+
+    def text_search(fn, q, k):
+        q, k = check_query(q), check_k(k)
+        return hits_json(q, k, model(fn, q, k=k))
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -207,28 +212,16 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
     @app.get("/api/search", summary="Text to image")
     def search_text(q: str = Query(..., description="the query, Chinese or English"),
                     k: int = Query(10, description=f"hits, 1..{MAX_K}")):
-        q, k = check_query(q), check_k(k)
-        with model_lock:
-            hits = searcher.text_to_image(q, k=k)
-        return hits_json(q, k, hits)
+        return text_search(searcher.text_to_image, q, k)
 
     @app.post("/api/search/image", summary="Image to image (multipart field `image`)")
     def search_image(image: UploadFile = File(...), k: int = Query(10)):
         k = check_k(k)
-        data = read_upload(image)
-        try:
-            with model_lock:
-                hits = searcher.image_to_image(data, k=k)
-        except ImageDecodeError as e:
-            raise ApiError(400, f"image: {e}") from None
-        return hits_json(image.filename, k, hits)
+        return hits_json(image.filename, k, model(searcher.image_to_image, read_upload(image), k=k))
 
     @app.get("/api/captions", summary="Text to stored captions")
     def search_captions(q: str = Query(...), k: int = Query(10)):
-        q, k = check_query(q), check_k(k)
-        with model_lock:
-            hits = searcher.text_to_text(q, k=k)
-        return hits_json(q, k, hits)
+        return text_search(searcher.text_to_text, q, k)
 
     @app.post("/api/classify", summary="Zero-shot classification (multipart field `image`)")
     def classify(image: UploadFile = File(...), k: int = Query(5)):
@@ -236,7 +229,7 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
             raise ApiError(404, "no class list loaded (ernievil2-serve --classes FILE)")
         k = check_k(k)
         from ..zeroshot import scores, top_k
-        s = scores(encode_upload(read_upload(image)), classifier.embeddings)
+        s = scores(model(searcher.encode_image_bytes, read_upload(image)), classifier.embeddings)
         best = top_k(s, k)[0]
         return {"k": int(len(best)), "classes": [
             {"rank": r + 1, "index": int(c), "name": classifier.names[c], "score": round(float(s[0, c]), 6)}
