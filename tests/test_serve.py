@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from ernievil2.serve.app import (CSP, STATIC, Classifier, Limits, classes_path, create_app, run,
                                  shipped_class_lists)
+from ernievil2.search import QueryError
 from ernievil2.transforms import decode_image
 from ernievil2.zeroshot import load_classes
 
@@ -66,7 +67,11 @@ class FakeSearcher:
         return unit([[sum(t.count(w) for w in WORDS[c]) + 0.01 for c in COLOURS] for t in texts])
 
     def encode_image_bytes(self, data):
-        return unit(decode_image(data).reshape(-1, 3).mean(axis=0)[None])
+        try:
+            pixels = decode_image(data)
+        except ValueError as e:  # as the real one
+            raise QueryError(f"query image: {e}") from None
+        return unit(pixels.reshape(-1, 3).mean(axis=0)[None])
 
     def _hits(self, table, query, k):
         s = table @ query[0]

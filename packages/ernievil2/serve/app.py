@@ -27,7 +27,6 @@ import argparse
 import os
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -38,7 +37,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..transforms import ImageDecodeError, get_max_image_pixels, image_header_size
+from ..search import MAX_IMAGE_BYTES, QueryError
+from ..transforms import get_max_image_pixels, image_header_size
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -124,7 +124,6 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
                   openapi_url="/api/openapi.json",
                   description="Text-to-image, image-to-image and caption search over an index; "
                               "zero-shot classification of an uploaded image.")
-    model_lock = threading.Lock()  # one model call at a time: predictors are not thread-safe
     index_dir = Path(searcher.index_dir).resolve()
     pixel_limit = limits.max_image_pixels if limits.max_image_pixels is not None else get_max_image_pixels()
 
@@ -177,12 +176,11 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
         return data
 
     def model(fn, *args, **kwargs):
-        """One model call at a time; an image the decoder refuses is the client's error."""
+        """A searcher call; a query it refuses (an image that does not decode) is a 400."""
         try:
-            with model_lock:
-                return fn(*args, **kwargs)
-        except ImageDecodeError as e:
-            raise ApiError(400, f"image: {e}") from None
+            return fn(*args, **kwargs)
+        except QueryError as e:
+            raise ApiError(400, str(e)) from None
 
     def hits_json(query, k, hits):
         return {"query": query, "k": k, "hits": [
@@ -273,8 +271,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port} is out of range 0..65535")
-    if not args.max_upload_mb > 0:
-        p.error("--max-upload-mb must be positive")
+    if not 0 < args.max_upload_mb <= MAX_IMAGE_BYTES >> 20:
+        p.error(f"--max-upload-mb must be in (0, {MAX_IMAGE_BYTES >> 20}] (the searcher's limit)")
     return args
 
 
