@@ -328,3 +328,43 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run([str(tmp_path), "--port", "70000"])
     assert "out of range" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ over a real index folder
+def test_the_app_over_a_real_index(tmp_path):
+    """ernievil2.search's Searcher on an index built with a tiny random model: the page's calls
+    reach it, thumbnails come from the index's files, its refusals are one-line errors."""
+    from ernievil2.search import Searcher, build_index
+    from helpers import make_image, tiny_config
+    cfg = tiny_config(tmp_path / "model")
+    build_index(cfg, cfg["test_file"], tmp_path / "index")
+    searcher = Searcher.open(tmp_path / "index")
+    client = client_for(searcher, classes=("红色的圆形", "蓝色方块"))
+    info = client.get("/api/info").json()
+    assert info["images"] == len(searcher) == 8
+    hits = client.get("/api/search", params={"q": "红色的圆形", "k": 3}).json()["hits"]
+    assert len(hits) == 3 and [h["rank"] for h in hits] == [1, 2, 3]
+    for h in hits:
+        thumb = client.get(h["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert thumb.content == searcher.thumbnail_file(h["row"]).read_bytes()
+    # an indexed image's own bytes find it first, whatever the (random) model
+    r = client.post("/api/search/image", files={"image": ("q.png", make_image(3))})
+    first = r.json()["hits"][0]
+    assert first["image_id"] == "img3" and first["score"] == pytest.approx(1.0, abs=1e-4)
+    captions = client.get("/api/captions", params={"q": "蓝色方块", "k": 8}).json()["hits"]
+    assert "蓝色方块" in [h["caption"] for h in captions]
+    classes = client.post("/api/classify", files={"image": ("q.png", make_image(3))}).json()["classes"]
+    assert sorted(c["name"] for c in classes) == ["红色的圆形", "蓝色方块"]
+    assert "not a decodable image" in one_line_error(
+        client.post("/api/classify", files={"image": ("x.png", b"no image here")}), 400)
+    assert client.get(f"/thumbs/{len(searcher)}").status_code == 404
+
+
+def test_the_command_names_a_missing_index_in_one_line(tmp_path, capsys):
+    from ernievil2.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(run, [str(tmp_path / "nowhere"), "--port", "0", "--classes", "demo_shapes"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nowhere" in err and "\n" not in err
