@@ -24,6 +24,7 @@ an undecodable upload is a 400, a bad parameter a 422.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -285,6 +286,8 @@ def listen(host: str, port: int) -> socket.socket:
 def run(argv=None):
     args = parse_args(argv)
     from .. import zeroshot as zs
+    from ..logging_utils import setup_logging
+    setup_logging(None, level=logging.WARNING)  # the console shows the address, warnings and errors
     classes = classes_path(args.classes)
     for path, what in ((classes, "--classes"), (args.templates, "--templates")):
         if path and not os.path.isfile(path):

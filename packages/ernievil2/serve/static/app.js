@@ -127,12 +127,13 @@ async function classify() {
     const result = await api("/api/classify?k=5", uploadBody());
     const list = $("class-list");
     list.replaceChildren();
+    const best = Math.max(1e-6, ...result.classes.map((c) => c.score));
     for (const c of result.classes) {
       const item = document.createElement("li");
       item.textContent = `${c.name}  ${c.score.toFixed(3)}`;
       const bar = document.createElement("span");
       bar.className = "bar";
-      bar.style.width = `${Math.max(2, Math.round(200 * Math.max(0, c.score)))}px`;
+      bar.style.width = `${Math.max(2, Math.round(160 * Math.max(0, c.score) / best))}px`;  // relative to the best
       item.append(bar);
       list.append(item);
     }
