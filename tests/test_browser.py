@@ -1,9 +1,9 @@
 """The search page in a real browser: Debian's Chromium driven by Selenium against
 `ernievil2-serve` on a free loopback port, over an index of drawn shapes built with a demo-size
 model trained here for a minute. It types a query, waits for the grid and checks the drawn image
-of that description comes first, searches by an uploaded image, classifies it, switches the
-language, shows an upload error, and saves a screenshot (in the test's tmp folder, and at
-$ERNIEVIL2_SCREENSHOT when set: the README's).
+of that description comes first, classifies an uploaded image, saves a screenshot (in the test's
+tmp folder, and at $ERNIEVIL2_SCREENSHOT when set: the README's), searches by the uploaded image,
+shows an upload error and switches the language.
 
 Without Chromium / chromedriver the test skips with the reason (`make browser-deps` installs
 them); with CI=true it fails instead."""
@@ -134,7 +134,7 @@ def browser(served):
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,860",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,960",
                 "--lang=zh-CN"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -177,25 +177,25 @@ def test_the_page_in_chromium(served, browser, tmp_path):
     first = browser.find_element(By.CSS_SELECTOR, "#grid .hit img")
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", first))
     assert browser.find_element(By.CSS_SELECTOR, "#grid .hit .caption").text == QUERY
-    screenshot = tmp_path / "search_page.png"
-    assert browser.save_screenshot(str(screenshot))
-    if os.environ.get("ERNIEVIL2_SCREENSHOT"):
-        shutil.copyfile(screenshot, os.environ["ERNIEVIL2_SCREENSHOT"])
-
-    # image to image: the uploaded drawing finds itself first (the same bytes: the same embedding)
+    # zero-shot classification of an upload: five classes, best first, as the API ranks them
     upload = files["shape4"]
     browser.find_element(By.ID, "image").send_keys(str(upload))
-    browser.find_element(By.ID, "image-search").click()
-    wait.until(lambda d: upload.name in d.find_element(By.ID, "status").text)
-    shown = cards()
-    assert shown[0][0] == "shape4" and shown[0][1].endswith(("1.000", "0.999")), shown
-
-    # zero-shot classification of the upload: five classes, best first
     browser.find_element(By.ID, "classify").click()
     wait.until(lambda d: d.find_element(By.ID, "classes").is_displayed())
     items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#class-list li")]
     by_api = api_classify(address, upload)
     assert len(items) == 5 and [t.split()[0] for t in items] == [c["name"] for c in by_api]
+    assert browser.find_element(By.ID, "status").text == f"“{QUERY}”的前 {len(CLASSES)} 个结果"
+    screenshot = tmp_path / "search_page.png"  # the query's grid and the classes of the upload
+    assert browser.save_screenshot(str(screenshot))
+    if os.environ.get("ERNIEVIL2_SCREENSHOT"):
+        shutil.copyfile(screenshot, os.environ["ERNIEVIL2_SCREENSHOT"])
+
+    # image to image: the uploaded drawing finds itself first (the same bytes: the same embedding)
+    browser.find_element(By.ID, "image-search").click()
+    wait.until(lambda d: upload.name in d.find_element(By.ID, "status").text)
+    shown = cards()
+    assert shown[0][0] == "shape4" and shown[0][1].endswith(("1.000", "0.999")), shown
 
     # an undecodable upload: the API's one-line error on the page
     bad = tmp_path / "not_an_image.png"

@@ -122,6 +122,7 @@ async function searchImage() {
 
 async function classify() {
   showError("");
+  const before = $("status").textContent;  // the grid's line: the grid stays
   $("status").textContent = t("classifying");
   try {
     const result = await api("/api/classify?k=5", uploadBody());
@@ -138,7 +139,7 @@ async function classify() {
       list.append(item);
     }
     $("classes").hidden = false;
-    $("status").textContent = "";
+    $("status").textContent = before;
   } catch (e) {
     $("status").textContent = "";
     showError(e.message);
