@@ -223,3 +223,13 @@ def api_classify(address, path):
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request, timeout=60) as r:
         return json.loads(r.read().decode("utf-8"))["classes"]
+
+
+def test_a_missing_browser_skips_with_the_reason_and_fails_under_ci(monkeypatch, tmp_path):
+    monkeypatch.setitem(globals(), "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"no-chromium not found \(make browser-deps"):
+        need_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-chromium not found"):
+        need_browser()
