@@ -32,13 +32,17 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..search import MAX_IMAGE_BYTES, QueryError
+from .. import zeroshot
+from ..cli import run_main
+from ..logging_utils import setup_logging
+from ..search import MAX_IMAGE_BYTES, QueryError, Searcher
 from ..transforms import get_max_image_pixels, image_header_size
 
 HERE = Path(__file__).resolve().parent
@@ -75,8 +79,8 @@ class Classifier(NamedTuple):
 
     @classmethod
     def build(cls, encode_texts, names: Sequence[str], templates: Sequence[str]) -> "Classifier":
-        from ..zeroshot import class_embeddings
-        return cls(list(names), list(templates), class_embeddings(encode_texts, names, templates))
+        return cls(list(names), list(templates),
+                   zeroshot.class_embeddings(encode_texts, names, templates))
 
 
 def classes_path(value: str) -> str:
@@ -227,14 +231,13 @@ def create_app(searcher, classifier: Classifier | None = None, limits: Limits = 
         if classifier is None:
             raise ApiError(404, "no class list loaded (ernievil2-serve --classes FILE)")
         k = check_k(k)
-        from ..zeroshot import scores, top_k
-        s = scores(model(searcher.encode_image_bytes, read_upload(image)), classifier.embeddings)
-        best = top_k(s, k)[0]
+        s = zeroshot.scores(model(searcher.encode_image_bytes, read_upload(image)), classifier.embeddings)
+        best = zeroshot.top_k(s, k)[0]
         return {"k": int(len(best)), "classes": [
             {"rank": r + 1, "index": int(c), "name": classifier.names[c], "score": round(float(s[0, c]), 6)}
             for r, c in enumerate(best)]}
 
-    @app.get("/thumbs/{row:int}", summary="A row's thumbnail (JPEG/PNG bytes)")
+    @app.get("/thumbs/{row:int}", summary="A row's thumbnail (the index's JPEG)")
     def thumbnail(row: int):
         if not 0 <= row < len(searcher):
             raise ApiError(404, f"row {row} is not in the index (0..{len(searcher) - 1})")
@@ -285,29 +288,25 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run(argv=None):
     args = parse_args(argv)
-    from .. import zeroshot as zs
-    from ..logging_utils import setup_logging
     setup_logging(None, level=logging.WARNING)  # the console shows the address, warnings and errors
     classes = classes_path(args.classes)
     for path, what in ((classes, "--classes"), (args.templates, "--templates")):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}" + (
                 f" (shipped lists: {', '.join(shipped_class_lists())})" if what == "--classes" else ""))
-    names = zs.load_classes(classes, args.lang)
-    templates = zs.load_templates(args.templates) if args.templates else zs.TEMPLATES[args.lang]
+    names = zeroshot.load_classes(classes, args.lang)
+    templates = zeroshot.load_templates(args.templates) if args.templates else zeroshot.TEMPLATES[args.lang]
     try:
         sock = listen(args.host, args.port)
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
 
-    from ..search import Searcher
     searcher = Searcher.open(args.index)
     classifier = Classifier.build(searcher.encode_texts, names, templates)
     app = create_app(searcher, classifier, Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20))),
                      args.lang)
 
-    import uvicorn
     host, port = sock.getsockname()[:2]
     address = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
@@ -329,7 +328,6 @@ def run(argv=None):
 
 def main(argv=None):
     """Console script ernievil2-serve."""
-    from ..cli import run_main
     sys.exit(run_main(run, argv) or 0)
 
 
