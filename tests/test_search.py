@@ -305,9 +305,17 @@ def test_a_source_with_no_images_is_an_error(tmp_path, cfg):
 
 
 def test_faiss_keeps_its_loading_lines_off_the_console():
-    import logging
-    vectors.faiss_module()
-    assert not logging.getLogger("faiss.loader").isEnabledFor(logging.INFO)
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    setup = "import logging; logging.basicConfig(level=logging.INFO); "
+    runs = {how: subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "packages")}, timeout=120)
+            for how, code in (("plain", "import faiss"),
+                              ("ours", "from ernievil2.search.vectors import faiss_module; faiss_module()"))}
+    assert "Loading faiss" in runs["plain"].stderr  # what a root logger at INFO shows otherwise
+    assert runs["ours"].returncode == 0 and "faiss" not in runs["ours"].stderr.lower()
 
 
 # --------------------------------------------------------------------- the model and the CLI
@@ -402,3 +410,56 @@ def test_an_index_built_with_the_exported_towers_matches_eager(tmp_path):
     a, b = s.text_to_image("红色的圆形", 3), Searcher.open(tmp_path / "eager").text_to_image("红色的圆形", 3)
     assert [h.row for h in a] == [h.row for h in b]
     np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_build_and_add_the_same_index_as_one(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path / "model", infer_batch_size=2),
+                                     allow_unicode=True), encoding="utf-8")
+    tsv = tmp_path / "model" / "test.tsv"
+    lines = tsv.read_text(encoding="utf-8").splitlines()
+    tsv.write_text("\n".join(lines + lines[:3]) + "\n", encoding="utf-8")  # 3 images twice
+    more = tmp_path / "more"
+    more.mkdir()
+    for k in (2, 50, 51, 52):
+        (more / f"{k}.png").write_bytes(make_image(k))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "packages")}
+
+    def index_cmd(*argv):
+        r = subprocess.run([sys.executable, "-m", "ernievil2.search_cli", *map(str, argv)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        return r.returncode, r.stdout, r.stderr
+
+    for nproc in (1, 2):
+        out = tmp_path / f"idx{nproc}"
+        code, stdout, stderr = index_cmd("build", config, tsv, out, "--nproc", nproc)
+        assert code == 0 and "8 images, 11 captions" in stdout, stderr[-3000:]
+        code, stdout, stderr = index_cmd("add", out, more, "--nproc", nproc)
+        assert code == 0 and "11 images, 11 captions" in stdout, stderr[-3000:]
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(f".idx{nproc}")]  # no temporaries
+    one, two = tmp_path / "idx1", tmp_path / "idx2"
+    for name in ("images.json", "captions.json", "manifest.json"):
+        a, b = (json.loads((d / name).read_text(encoding="utf-8")) for d in (one, two))
+        if name == "manifest.json":
+            a.pop("sources"), b.pop("sources")  # where the sources are differs
+        assert a == b, name
+    np.testing.assert_array_equal(np.load(one / "image_embeddings.npy"), np.load(two / "image_embeddings.npy"))
+    assert sorted(os.listdir(two / "thumbs")) == [f"{r:06d}.jpg" for r in range(11)]
+    assert all((one / "thumbs" / n).read_bytes() == (two / "thumbs" / n).read_bytes()
+               for n in os.listdir(one / "thumbs"))
+
+    # a bad image on the second process's share: one line, the index as it was
+    before = folder_state(two)
+    (more / "9_bad.png").write_bytes(b"\x89PNG broken")
+    (more / "53.png").write_bytes(make_image(53))
+    code, stdout, stderr = index_cmd("add", two, more, "--nproc", 2)
+    errors = [line for line in (stdout + stderr).splitlines() if "error" in line.lower()]
+    assert code == 1 and errors and "9_bad.png: undecodable image" in errors[-1], stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert folder_state(two) == before

@@ -25,19 +25,66 @@ def _index_parser():
     b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
     b.add_argument("--thumbnail-size", type=int, default=128, help="thumbnail long side, pixels")
+    b.add_argument("--nproc", type=int, default=1, help="processes (paddle.distributed.launch; "
+                   "each embeds its share of the images); logs under the config's log_dir/launch")
     a = sub.add_parser("add", help="append a source's new images (by image bytes) to an index")
     a.add_argument("index")
     a.add_argument("source")
     a.add_argument("--config", help="the model's config (default: the one the index was built with)")
+    a.add_argument("--nproc", type=int, default=1, help="processes, as for build")
     i = sub.add_parser("info", help="what an index holds")
     i.add_argument("index")
     i.add_argument("--json", action="store_true", help="the manifest as JSON")
     return p
 
 
-def _quiet_logging(level):
+def _quiet_logging(level, rank=0):
     from .logging_utils import setup_logging
-    setup_logging(None, "search.log", 0, level=level)
+    setup_logging(None, "search.log", rank, level=level)
+
+
+def _launch(nproc, argv, cfg, args):
+    """`--nproc N`: this command in N processes under paddle.distributed.launch (one per CPU
+    entry, gloo; one per card with GPUs), the console as run_infer.sh's (launch.ConsoleFilter):
+    rank 0's output, and the first process error as one line."""
+    import codecs
+    import subprocess
+
+    from .launch import ConsoleFilter, clear_errors, has_gpu, launch_log_dir, read_errors, worker_env
+    if cfg is None:  # add: the config the index was built with
+        from .search.store import CONFIG, read_json
+        cfg = read_json(os.path.join(args.index, CONFIG))
+    log_dir = launch_log_dir(cfg["log_dir"])
+    os.makedirs(log_dir, exist_ok=True)
+    clear_errors(log_dir)
+    worker_argv, value_next = [], False  # the same command line, less --nproc N
+    for a in argv:
+        if not value_next and a != "--nproc" and not a.startswith("--nproc="):
+            worker_argv.append(a)
+        value_next = a == "--nproc"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", log_dir]
+    cmd += (["--devices", ",".join(map(str, range(nproc)))] if has_gpu()
+            else ["--nproc_per_node", str(nproc)])
+    cmd += [sys.executable, "-u", "-m", "ernievil2.search_cli", *worker_argv]
+    with open(os.path.join(log_dir, "launcher.log"), "a", encoding="utf-8") as logfile:
+        logfile.write(" ".join(cmd) + "\n")
+        out = ConsoleFilter(sys.stdout, logfile, verbose=False)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=worker_env(log_dir, verbose=False))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for chunk in iter(lambda: os.read(proc.stdout.fileno(), 65536), b""):
+            out.feed(decoder.decode(chunk))
+        out.feed(decoder.decode(b"", final=True))
+        out.close()
+        rc = proc.wait()
+    errors = read_errors(log_dir)
+    if rc == 0 and not errors:
+        return 0
+    line = (errors[0]["message"] if errors else
+            f"error: a process failed (exit status {rc}); see {log_dir}/workerlog.*")
+    if not any(line.strip() in shown for shown in out.shown):
+        print(line, file=sys.stderr)
+    return 1
 
 
 def index(argv=None):
@@ -60,7 +107,15 @@ def index(argv=None):
                   + " ".join([vec["type"]] + [f"{k}={v}" for k, v in vec.items() if k != "type"])
                   + f", model {manifest['fingerprint']['digest'][:12]}")
         return 0
-    _quiet_logging(logging.INFO)
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    if args.nproc > 1:
+        return _launch(args.nproc, [a for a in (sys.argv[1:] if argv is None else argv)],
+                       load_infer_config(args.config, args.overrides if args.command == "build" else (),
+                                         quiet=True) if args.config else None, args)
+    from .distributed import init_distributed
+    rank, _ = init_distributed()  # under the launcher: this process's share
+    _quiet_logging(logging.INFO, rank)
     if args.command == "build":
         cfg = load_infer_config(args.config, args.overrides)
         manifest = search.build_index(cfg, args.source, args.out, index_type=args.index_type,
@@ -72,7 +127,8 @@ def index(argv=None):
         cfg = load_infer_config(args.config, quiet=True) if args.config else None
         manifest = search.add_to_index(args.index, args.source, config=cfg, progress=True)
         where = args.index
-    print(f"{where}: {manifest['images']} images, {manifest['captions']} captions")
+    if manifest is not None:  # rank 0
+        print(f"{where}: {manifest['images']} images, {manifest['captions']} captions")
     return 0
 
 
@@ -133,3 +189,7 @@ def index_main(argv=None):
 def search_main(argv=None):
     """Console script ernievil2-search."""
     sys.exit(run_main(search_command, argv) or 0)
+
+
+if __name__ == "__main__":  # a process of `ernievil2-index ... --nproc N`
+    index_main()
