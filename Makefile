@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-fast clean-demo search-demo browser-deps
 
 
 $(STAMP): requirements.txt pyproject.toml setup.py
@@ -38,6 +38,22 @@ test-fast: setup
 
 clean-demo:
 	rm -rf demo_out
+
+# The search page on the demo (after `make demo`): index the demo's test images with the trained
+# demo model, then serve the page on 127.0.0.1 (it prints its address; Ctrl-C stops it).
+SERVE_PORT ?= 8000
+search-demo: setup
+	@test -f demo_out/train/final/infer.yaml || { echo "no demo model: run make demo first"; exit 1; }
+	rm -rf demo_out/index
+	$(VENV)/bin/ernievil2-index build demo_out/train/final/infer.yaml demo_out/test.tsv demo_out/index
+	$(VENV)/bin/ernievil2-serve demo_out/index --classes demo_shapes --port $(SERVE_PORT)
+
+# The browser test's packages (Debian): Chromium, its WebDriver and a CJK font for the screenshots.
+BROWSER_PACKAGES := chromium chromium-driver fonts-wqy-microhei
+browser-deps:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(BROWSER_PACKAGES)
 
 # Flickr8k-CN recipe on real photos (make flickr8k / flickr8k-baseline / flickr8k-ablation)
 include mk/flickr8k.mk
