@@ -28,21 +28,30 @@ _LABEL_HEADERS = {"label", "class", "class_index", "class_name", "category"}
 
 
 class _Labels:
-    """label text -> (label to write, caption), through the class-name file when there is one."""
+    """label text -> (label to write, caption), through the class-name file when there is one
+    (a name may be in either language of an imagenet_classes.tsv; `lang` names the caption)."""
 
     def __init__(self, classes: str | None, lang: str):
         if classes and not os.path.isfile(classes):
             raise ConversionError(f"{classes}: class-name file not found")
         self.names = load_classes(classes, lang) if classes else None
-        self.resolve = LabelResolver(self.names) if classes else None
+        other = load_classes(classes, "en" if lang == "zh" else "zh") if classes else None
+        self.resolvers = [LabelResolver(n) for n in (self.names, other) if n]
 
     def __call__(self, label: str, path: str, line_no: int | None) -> tuple[str, str]:
-        if self.resolve is None:
+        if not self.resolvers:
             if not label.strip():
                 raise DataError(path, line_no, "empty label")
             return label.strip(), label.strip()
-        index = self.resolve(label, path, line_no)
-        return str(index), self.names[index]
+        errors = []
+        for resolve in self.resolvers:
+            try:
+                index = resolve(label, path, line_no)
+            except DataError as e:
+                errors.append(e)
+                continue
+            return str(index), self.names[index]
+        raise errors[0]
 
 
 def _record(image_path: str, root: str, label: str, caption: str, source: str, where: str) -> PairRecord:
