@@ -6,8 +6,8 @@ TEMPLATES = ["a {}", "the {} on the left"]
 
 
 def write_text_file(path, rows):
-    """rows: (caption, image_id, image seed)."""
-    path.write_text("".join(tsv_line(t, i, make_image(s)) + "\t\n" for t, i, s in rows),
+    """rows: (caption, image_id, image seed); every line with the tags "red circle"."""
+    path.write_text("".join(tsv_line(t, i, make_image(s)) + "\tred circle\n" for t, i, s in rows),
                     encoding="utf-8")
     return str(path)
 

@@ -253,3 +253,19 @@ def test_a_mixed_run_trains_and_two_processes_give_the_gradients_of_one(tmp_path
     assert worst < 1e-5, worst
     _, clip = W.reference(tmp_path, targets="clip")  # the shared ids do change the gradients
     assert max(float(np.abs(clip[k] - ref[k]).max()) for k in ref) > 1e-3
+
+
+def test_a_mixed_run_end_to_end_with_cached_features_and_an_auto_vocab(tmp_path):
+    from ernievil2.train.loop import train
+    (tmp_path / "zh_templates.txt").write_text("这是{}\n", encoding="utf-8")
+    cfg = load_train_config(config(
+        tmp_path, vocab_file="auto", label_templates=str(tmp_path / "zh_templates.txt"),
+        views=[["image", "text", 1.0], ["image", "tags", 0.5]], batch_size=4, max_steps=3,
+        freeze_image_tower=True, image_feature_cache=2, save_every=3, val_every=3, log_every=1,
+        log_dir=str(tmp_path / "out")))
+    train(cfg)
+    vocab = (tmp_path / "out" / "vocab.txt").read_text(encoding="utf-8").split()
+    assert "这" in vocab and "是" in vocab  # the prompts' words, found in no caption
+    assert (tmp_path / "out" / "final" / "model.pdparams").is_file()
+    log = (tmp_path / "out" / "train.log").read_text(encoding="utf-8")
+    assert "training files mixed by weight" in log and "(label, 8 lines, weight 0.5)" in log
