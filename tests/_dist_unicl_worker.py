@@ -22,6 +22,7 @@ from ernievil2.tokenizer import ErnieTokenizer  # noqa: E402
 from ernievil2.train.data import (LabelPrompts, MixedSampler, MultiViewBatcher, TrainIndex,  # noqa: E402
                                   TrainSources)
 from ernievil2.transforms import make_eval_transform, make_train_transform  # noqa: E402
+from _dist_train_worker import encode, grads  # noqa: E402  (the same per-half encoding)
 from _unicl_data import CLASSES, TEMPLATES  # noqa: E402
 from helpers import TINY_ERNIE, TINY_VIT  # noqa: E402
 
@@ -53,18 +54,6 @@ def batch(folder, rank=0, world=1):
     out["kinds"] = (index.class_index[b.local_rows(rows)] >= 0).astype(np.int64)
     b.close()
     return out
-
-
-def encode(m, b, rows, seed):
-    paddle.seed(seed)  # the random state this half's dropout draws from
-    sl = slice(*rows)
-    return {"image": m.encode_image(paddle.to_tensor(b["image"][sl])),
-            "text": m.encode_text(paddle.to_tensor(b["text"][sl])),
-            "text_aug": m.encode_text(paddle.to_tensor(b["text_aug"][sl]))}
-
-
-def grads(m):
-    return {k: p.grad.numpy() for k, p in m.named_parameters() if p.grad is not None}
 
 
 def reference(folder, targets="unicl"):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, need_shared
 from ernievil2.datasets import ConversionError, DataError, parse_labels
 from ernievil2.train.data import TrainIndex
 from helpers import make_image
@@ -108,3 +108,27 @@ def test_other_bad_inputs(tmp_path):
                                              encoding="utf-8")
     with pytest.raises(DataError, match=r"bad_classes\.tsv:2: 3 columns, expected 4"):
         parse_labels(str(tmp_path / "list.tsv"), classes=str(tmp_path / "bad_classes.tsv"))
+
+
+@pytest.mark.shared
+def test_confident_labels_are_the_classifiers_top1_and_feed_the_converter(tmp_path):
+    photos = need_shared("data", "efficientnet_lite0", "imagenet50")
+    classes = need_shared("data", "imagenet_classes.tsv")
+    rows = [ln.split("\t") for ln in (photos / "labels.tsv").read_text(encoding="utf-8").splitlines()[1:7]]
+    (tmp_path / "only.txt").write_text("".join(r[0] + "\n" for r in rows), encoding="utf-8")
+    tool = [sys.executable, str(ROOT / "tools" / "confident_labels.py"), str(photos), "--classes",
+            str(classes), "--weights",
+            str(need_shared("data", "efficientnet_lite0", "efficientnet_lite0_imagenet.npz"))]
+    r = subprocess.run([*tool, str(tmp_path / "all.txt"), "--only", str(tmp_path / "only.txt"),
+                        "--min-prob", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = lines(tmp_path / "all.txt")
+    # the reference network's own top-1 (its top-5 list, first) for each photo
+    assert got == [["path", "label"]] + [[row[0], row[6].split(",")[0]] for row in rows]
+    r = subprocess.run([*tool, str(tmp_path / "none.txt"), "--only", str(tmp_path / "only.txt"),
+                        "--min-prob", "1.01"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and lines(tmp_path / "none.txt") == [["path", "label"]]
+    r = run(tmp_path / "all.txt", tmp_path / "out.tsv", "--images-dir", photos,
+            "--classes", classes)
+    assert r.returncode == 0, r.stderr
+    assert [g[4] for g in lines(tmp_path / "out.tsv")] == [row[6].split(",")[0] for row in rows]

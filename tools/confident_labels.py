@@ -24,8 +24,8 @@ from ernievil2.fileio import write_text  # noqa: E402
 from ernievil2.tags import ObjectTagger, classifier_transform  # noqa: E402
 from ernievil2.transforms import decode_image  # noqa: E402
 from ernievil2.zeroshot import IMAGE_SUFFIXES  # noqa: E402
+from extract_tags import DEFAULT_CLASSES, DEFAULT_WEIGHTS  # noqa: E402  (tools/, beside this one)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def softmax(logits):
@@ -42,8 +42,8 @@ def main(argv=None):
     ap.add_argument("out", metavar="OUT_LIST")
     ap.add_argument("--only", metavar="NAMES", help="image file names to classify, one a line")
     ap.add_argument("--min-prob", type=float, default=0.5, help="keep a top-1 class from this probability")
-    ap.add_argument("--weights", default=str(SHARED / "efficientnet_lite0" / "efficientnet_lite0_imagenet.npz"))
-    ap.add_argument("--classes", default=str(SHARED / "imagenet_classes.tsv"))
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="EfficientNet-Lite0 ImageNet npz")
+    ap.add_argument("--classes", default=str(DEFAULT_CLASSES), help="imagenet_classes.tsv")
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     try:
