@@ -269,3 +269,18 @@ def test_a_mixed_run_end_to_end_with_cached_features_and_an_auto_vocab(tmp_path)
     assert (tmp_path / "out" / "final" / "model.pdparams").is_file()
     log = (tmp_path / "out" / "train.log").read_text(encoding="utf-8")
     assert "training files mixed by weight" in log and "(label, 8 lines, weight 0.5)" in log
+
+
+def test_the_trainer_reads_labels_by_index_or_by_name_in_either_language(tmp_path):
+    classes = tmp_path / "imagenet.tsv"
+    classes.write_text("class_index\twnid\tlabel_en\tlabel_zh\n0\tn0\ttench\t丁鲷\n"
+                       "1\tn1\tgoldfish (fish)\t金鱼\n", encoding="utf-8")
+    labels = write_label_file(tmp_path / "l.tsv", [("a", 1, "金鱼"), ("b", 2, "goldfish"),
+                                                   ("c", 3, "1"), ("d", 4, "tench")])
+    cfg = load_train_config(config(tmp_path, train_file="", train_files=[[labels, 1.0, "label"]],
+                                   label_classes=str(classes), label_lang="en", label_templates=""))
+    srcs = sources_of(cfg)
+    prompts = label_prompts(cfg, srcs)
+    assert prompts.class_names == ["tench", "goldfish"] and "a photo of a {}." in prompts.templates
+    index = TrainSources([TrainIndex(labels)], kinds=["label"], resolve=prompts.resolve)
+    assert index.class_index.tolist() == [1, 1, 1, 0]

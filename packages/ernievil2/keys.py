@@ -82,7 +82,7 @@ TRAIN_KEYS = {
     "train_files": Key([], _is_sources, "a list of [path, weight] or [path, weight, text|label]",
                        "more training files mixed with train_file's rows (weight 1.0; train_file may be empty): "
                        "each row of a global batch comes from a file with probability weight / sum of weights; "
-                       "kind label = image-label rows (column 5: a class index or a label_lang name of "
+                       "kind label = image-label rows (column 5: a class index or a class name of "
                        "label_classes), whose text is a prompt of the class; label rows are UniCL positives "
                        "when they share a class, text rows when they share an image id of one file"),
     "label_classes": Key("", is_str, "a path or empty",
@@ -126,7 +126,8 @@ TRAIN_KEYS = {
                  "contrasted view pairs; views: image, image_aug, text, text_aug, tags"),
     "targets": Key("clip", one_of("clip", "unicl"), "clip or unicl",
                    "unicl: rows sharing an image id (or label) are positives (soft targets)"),
-    "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two rows the same class for unicl"),
+    "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two image-text rows the same class for unicl "
+                      "(image-label rows of train_files always go by their class)"),
     "init_logit_scale": Key(None, lambda v: v is None or is_num(0)(v), "null or a number >= 0",
                             "log of the initial logit scale of every configured view pair; null = 2.65926 "
                             "(official) where a temperature starts at random, the checkpoint's value where "

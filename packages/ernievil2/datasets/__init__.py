@@ -93,12 +93,12 @@ from .flickr8k_cn import FLICKR8K_CN_HEADER, parse_flickr8k_cn_reference
 from .flickr_cn import detokenize_segmented, find_flickr_cn_files, parse_flickr_cn
 from .folder import parse_coco_json, parse_folder, parse_folder_tsv
 from .images import shrink_image, sniff_image_format
-from .labels import parse_class_folders, parse_label_list, parse_labels
+from .labels import ClassLabels, parse_class_folders, parse_label_list, parse_labels
 from .muge import index_base64_tsv, parse_muge
 from .writer import WriteStats, write_pairs_tsv
 
 __all__ = [
-    "Base64Ref", "ConversionError", "DataError", "FLICKR8K_CN_HEADER", "MissingImageError",
+    "Base64Ref", "ClassLabels", "ConversionError", "DataError", "FLICKR8K_CN_HEADER", "MissingImageError",
     "PairRecord", "ParseResult", "WriteStats", "clean_field", "coco_image_candidates",
     "detokenize_segmented", "find_flickr_cn_files", "index_base64_tsv", "load_tags",
     "parse_aic_icc", "parse_coco_cn", "parse_coco_json", "parse_flickr8k_cn_reference",

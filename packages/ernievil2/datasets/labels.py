@@ -4,7 +4,8 @@ Input, either
   * a folder of class sub-folders (``DIR/<label>/*.jpg``; the sub-folder name is the label), or
   * a list file, ``image_path \\t label`` a line (image paths relative to ``images_dir``, by
     default the list file's folder; an optional header line such as ``path \\t label``).
-A label is a class index or a class name. With a class-name file (``classes``: the
+A label is a class index or a class name (either language of an imagenet_classes.tsv). With a
+class-name file (``classes``: the
 imagenet_classes.tsv format, or one name a line; see zeroshot.load_classes) every label is
 checked against it and written as its class index, and column 1 holds the class name in
 ``lang``; without one the label is written as given and column 1 repeats it. Output line::
@@ -27,31 +28,41 @@ _PATH_HEADERS = {"path", "image", "image_path", "image_file", "file", "file_name
 _LABEL_HEADERS = {"label", "class", "class_index", "class_name", "category"}
 
 
+class ClassLabels:
+    """A class-name file: its names in `lang`, and label -> class index by index or by a name in
+    either language of an imagenet_classes.tsv (zeroshot.LabelResolver's matching)."""
+
+    def __init__(self, path: str, lang: str = "zh"):
+        self.names = load_classes(path, lang)
+        other = load_classes(path, "en" if lang == "zh" else "zh")
+        self._resolvers = [LabelResolver(n) for n in ((self.names, other) if other != self.names
+                                                       else (self.names,))]
+
+    def __call__(self, label: str, path, line_no: int | None) -> int:
+        errors = []
+        for resolve in self._resolvers:
+            try:
+                return resolve(label, path, line_no)
+            except DataError as e:
+                errors.append(e)
+        raise errors[0]
+
+
 class _Labels:
-    """label text -> (label to write, caption), through the class-name file when there is one
-    (a name may be in either language of an imagenet_classes.tsv; `lang` names the caption)."""
+    """label text -> (label to write, caption), through the class-name file when there is one."""
 
     def __init__(self, classes: str | None, lang: str):
         if classes and not os.path.isfile(classes):
             raise ConversionError(f"{classes}: class-name file not found")
-        self.names = load_classes(classes, lang) if classes else None
-        other = load_classes(classes, "en" if lang == "zh" else "zh") if classes else None
-        self.resolvers = [LabelResolver(n) for n in (self.names, other) if n]
+        self.classes = ClassLabels(classes, lang) if classes else None
 
     def __call__(self, label: str, path: str, line_no: int | None) -> tuple[str, str]:
-        if not self.resolvers:
+        if self.classes is None:
             if not label.strip():
                 raise DataError(path, line_no, "empty label")
             return label.strip(), label.strip()
-        errors = []
-        for resolve in self.resolvers:
-            try:
-                index = resolve(label, path, line_no)
-            except DataError as e:
-                errors.append(e)
-                continue
-            return str(index), self.names[index]
-        raise errors[0]
+        index = self.classes(label, path, line_no)
+        return str(index), self.classes.names[index]
 
 
 def _record(image_path: str, root: str, label: str, caption: str, source: str, where: str) -> PairRecord:

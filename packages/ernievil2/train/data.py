@@ -35,7 +35,8 @@ from ..config import ConfigError
 from ..data.tsv import DataError, decode_b64, index_lines, read_line_at
 from ..keys import SOURCE_KINDS
 from ..transforms import decode_image
-from ..zeroshot import TEMPLATES, LabelResolver, load_classes, load_templates
+from ..datasets.labels import ClassLabels
+from ..zeroshot import TEMPLATES, LabelResolver, load_templates
 
 log = logging.getLogger("ernievil2.train")
 
@@ -143,7 +144,8 @@ def label_prompts(cfg, sources):
                           "(a class-name file such as imagenet_classes.tsv)")
     templates = (load_templates(cfg.label_templates) if cfg.label_templates
                  else TEMPLATES[cfg.label_lang])
-    return LabelPrompts(load_classes(cfg.label_classes, cfg.label_lang), templates)
+    classes = ClassLabels(cfg.label_classes, cfg.label_lang)
+    return LabelPrompts(classes.names, templates, resolve=classes)
 
 
 class LabelPrompts:
@@ -151,11 +153,12 @@ class LabelPrompts:
     name, drawn by a generator keyed by (seed, epoch, row), so it is the same on every process and
     after a resume, and independent of the row's image augmentation."""
 
-    def __init__(self, class_names, templates):
+    def __init__(self, class_names, templates, resolve=None):
+        """resolve(label, path, line_no) -> class index; default: LabelResolver(class_names)."""
         if not templates:
             raise ValueError("label rows need at least one prompt template")
         self.class_names, self.templates = list(class_names), list(templates)
-        self.resolve = LabelResolver(self.class_names)
+        self.resolve = resolve or LabelResolver(self.class_names)
 
     def draw(self, class_index, seed, epoch, row, n=1):
         """n prompts of one class from distinct templates (while there are enough of them)."""
