@@ -1,5 +1,6 @@
 """UniCL's image-label branch: label rows with drawn prompts mixed with image-text rows, their
 target matrix and loss against a hand computation, weighted sampling, 2 processes = 1, errors."""
+import json
 import math
 import subprocess
 import sys
@@ -284,3 +285,26 @@ def test_the_trainer_reads_labels_by_index_or_by_name_in_either_language(tmp_pat
     assert prompts.class_names == ["tench", "goldfish"] and "a photo of a {}." in prompts.templates
     index = TrainSources([TrainIndex(labels)], kinds=["label"], resolve=prompts.resolve)
     assert index.class_index.tolist() == [1, 1, 1, 0]
+
+
+def test_the_zeroshot_summary_averages_each_rows_seeds(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import unicl_zeroshot
+
+    def validation(mc, off):
+        return {"multi_caption": {"MeanRecall": {"meanRecall": mc}, "Text2Image": {"R@1": 1.0},
+                                  "Image2Text": {"R@1": 2.0}},
+                "official": {"MeanRecall": {"meanRecall": off}}}
+    runs = [{"row": "recipe", "seed": s, "seconds": 1.0, "validation": validation(50 + s, 20.0)}
+            for s in (0, 2)]
+    (tmp_path / "ablation.json").write_text(json.dumps({"meta": {"rows": ["recipe"]}, "runs": runs}))
+    for s, (zh, en) in zip((0, 2), ((0.04, 0.0), (0.08, 0.02))):
+        folder = tmp_path / "runs" / f"recipe_seed{s}"
+        folder.mkdir(parents=True)
+        for lang, top1 in (("zh", zh), ("en", en)):
+            (folder / f"zeroshot_{lang}.json").write_text(json.dumps({"top1": top1, "top5": 0.5}))
+    assert unicl_zeroshot.main([str(tmp_path)]) == 0
+    row = (tmp_path / "unicl.md").read_text(encoding="utf-8").splitlines()[2].split(" | ")
+    # multi-caption 50 and 52: mean 51, sample std sqrt(2); zh top-1 4 % and 8 %: 6 ± 2.83
+    assert row[0] == "| recipe" and row[1] == "2" and row[2] == "51.00 ± 1.41"
+    assert row[6] == "6.00 ± 2.83" and row[7] == "50.00 ± 0.00" and row[8] == "1.00 ± 1.41"
