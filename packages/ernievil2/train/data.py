@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..data.tsv import DataError, decode_b64, index_lines, read_line_at
+from ..datasets.labels import ClassLabels
 from ..keys import SOURCE_KINDS
 from ..transforms import decode_image
-from ..datasets.labels import ClassLabels
 from ..zeroshot import TEMPLATES, LabelResolver, load_templates
 
 log = logging.getLogger("ernievil2.train")
@@ -176,7 +176,7 @@ class TrainSources:
     unicl_ids: a label row's key is its class (class-name file index), a text row's its image id
     within its file (or its column-5 label, with unicl_key='label'); each distinct key is one id,
     so the three kinds of keys never collide. class_index: the class of a label row, -1 for a
-    text row. `resolve(label, path, line_no) -> class index` (zeroshot.LabelResolver) is needed
+    text row. `resolve(label, path, line_no) -> class index` (LabelPrompts.resolve) is needed
     when a file is of kind label."""
 
     def __init__(self, indexes, weights=None, kinds=None, resolve=None, unicl_key="image_id"):
