@@ -8,8 +8,9 @@ Before training (`prepare`, every process; rank 0 writes, the others wait at a b
   Lite0 checkpoint with its head, else the efficientnet-lite0-imagenet download), written once
   into a tagged copy output_dir/train_tags.tsv; a stamp beside it (the source file's size and
   time, the classifier, the class names) decides whether a later run may reuse it;
-- `vocab_file: auto`: the vocab of the training captions and tags (corpus_vocab.py), fitted to
-  the text tower's vocab_size, in output_dir/vocab.txt; a resumed run must find the same one.
+- `vocab_file: auto`: the vocab of the captions and tags of every training file and of every
+  prompt the label rows can get (corpus_vocab.py), fitted to the text tower's vocab_size, in
+  output_dir/vocab.txt; a resumed run must find the same one.
 After training (`embed_after_training`): embed_file embedded by the inference engine with the
 final model (output_dir/final/infer.yaml) into output_dir/final/embeddings.out.
 """
