@@ -53,7 +53,11 @@ ROWS = {
 }
 # rows that differ from the config only in data: the caller names the file (--row-set)
 ROWS["recipe-zh"] = ("the config's views and targets, another training file", None, None)
-ROW_NEEDS = {"recipe-zh": "train_file"}
+# UniCL's image-label rows mixed in (train_files: [[FILE, WEIGHT, label]], with label_classes)
+ROWS["recipe+labels"] = ("the config's views and targets + image-label rows", None, None)
+ROWS["notags+labels"] = ("image-label rows instead of the tags view",
+                         [IT, ["image", "image_aug", 0.5], ["text", "text_aug", 0.5]], "unicl")
+ROW_NEEDS = {"recipe-zh": "train_file", "recipe+labels": "train_files", "notags+labels": "train_files"}
 DEFAULT_ROWS = "it,it+ii,it+tt,it+tags,it-unicl,recipe"
 
 

@@ -4,6 +4,8 @@
 #                           val recall in the official and the multi-caption protocols
 #   make flickr8k-baseline  frozen Lite0 features + character n-gram bag, linear maps (~2 min)
 #   make flickr8k-ablation  views / targets / caption languages, 3 seeds a row (~25 min on 2 cores)
+#   make flickr8k-unicl     + the Lite0 classifier's confident top-1 classes as image-label rows
+#                           (UniCL), 3 seeds a row, and zero-shot top-1/5 on the labelled Lite0 photos
 SHARED      ?= ../shared
 F8K_OUT     ?= flickr8k_out
 F8K_CONFIG  ?= packages/configs/flickr8k_cn_lite0.yaml
@@ -23,7 +25,12 @@ F8K_TSVS    := $(F8K_OUT)/.tsvs-zh-both.stamp
 F8K_PATHS    = train_file=$(F8K_TAGGED) val_file=$(F8K_VAL) vocab_file=$(F8K_VOCAB) \
                init_image_tower=$(F8K_TOWER) image_feature_cache_dir=$(F8K_OUT)/feature_cache
 
-.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation clean-flickr8k
+# UniCL image-label rows: training photos whose Lite0 top-1 probability is >= 0.5, by class index
+F8K_LABELS  := $(F8K_OUT)/flickr8k_cn_train_lite0_labels.tsv
+F8K_ZS_TSV  := $(F8K_OUT)/imagenet50_labels.tsv
+F8K_LABEL_ROWS = train_files=[[$(F8K_LABELS), 0.1, label]]
+
+.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation flickr8k-unicl clean-flickr8k
 
 $(F8K_TSVS): | setup
 	@test -f $(F8K_DATA)/captions_train.tsv || { echo "Flickr8k-CN reference data not found in $(F8K_DATA) (set SHARED=...)" >&2; exit 1; }
@@ -65,6 +72,29 @@ flickr8k-ablation: flickr8k-data $(F8K_TAGGED_ZH)
 	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation --config $(F8K_CONFIG) --jobs 2 \
 	    --rows it,it+ii,it+tt,it+tags,it-unicl,recipe,recipe-zh \
 	    --row-set recipe-zh:train_file=$(F8K_TAGGED_ZH) $(F8K_PATHS) image_feature_cache_seed=0
+
+$(F8K_LABELS): $(F8K_TSVS)
+	tail -n +2 $(F8K_DATA)/captions_train.tsv | cut -f1 | sort -u > $(F8K_OUT)/train_images.txt
+	$(PY) tools/confident_labels.py $(F8K_DATA)/images $(F8K_OUT)/lite0_top1_p50.txt --min-prob 0.5 \
+	    --only $(F8K_OUT)/train_images.txt --weights $(F8K_LITE0) --classes $(F8K_CLASSES)
+	$(PY) tools/build_tsv.py labels $(F8K_OUT)/lite0_top1_p50.txt $@ --images-dir $(F8K_DATA)/images \
+	    --classes $(F8K_CLASSES) --lang zh --no-progress
+
+# the 50 labelled ImageNet photos of the Lite0 reference, as a zero-shot test TSV
+$(F8K_ZS_TSV): | setup
+	cut -f1,2 $(SHARED)/data/efficientnet_lite0/imagenet50/labels.tsv > $(F8K_OUT)/imagenet50_list.tsv
+	$(PY) tools/build_tsv.py labels $(F8K_OUT)/imagenet50_list.tsv $@ \
+	    --images-dir $(SHARED)/data/efficientnet_lite0/imagenet50 --classes $(F8K_CLASSES) --no-progress
+
+flickr8k-unicl: flickr8k-data $(F8K_LABELS) $(F8K_ZS_TSV)
+	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation_unicl --config $(F8K_CONFIG) --jobs 2 \
+	    --rows recipe+labels,notags+labels,recipe --row-set "recipe+labels:$(F8K_LABEL_ROWS)" \
+	    --row-set "notags+labels:$(F8K_LABEL_ROWS)" $(F8K_PATHS) image_feature_cache_seed=0 \
+	    label_classes=$(F8K_CLASSES) label_lang=zh
+	for run in $(F8K_OUT)/ablation_unicl/runs/*; do for lang in zh en; do \
+	    $(PY) eval_zeroshot.py $$run/final/infer.yaml --classes $(F8K_CLASSES) --images $(F8K_ZS_TSV) \
+	        --lang $$lang --json $$run/zeroshot_$$lang.json > /dev/null || exit 1; done; done
+	$(PY) benchmarks/unicl_zeroshot.py $(F8K_OUT)/ablation_unicl
 
 clean-flickr8k:
 	rm -rf $(F8K_OUT)

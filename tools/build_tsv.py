@@ -6,6 +6,7 @@
   python tools/build_tsv.py aic-icc ANNOTATIONS.json IMAGES_DIR OUT.tsv
   python tools/build_tsv.py muge IMGS_TSV TEXTS_JSONL OUT.tsv
   python tools/build_tsv.py flickr8k-cn DATA_DIR OUT_DIR --lang zh
+  python tools/build_tsv.py labels CLASS_FOLDERS_OR_LIST OUT.tsv [--classes FILE --lang zh]
 
 Run a sub-command with --help for its input format. The formats and their sources are
 documented in packages/ernievil2/datasets/__init__.py.
@@ -139,6 +140,24 @@ Writes OUT_DIR/flickr8k_cn_<split>_<lang>.tsv for each split (val zh: 113 images
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--lang", choices=["zh", "en", "both"], default="zh")
     p.add_argument("--splits", default="train,val", help="comma-separated (default train,val)")
+
+    p = sub.add_parser("labels", parents=common, formatter_class=fmt,
+                       help="labelled images: class sub-folders or a 'path<TAB>label' list (UniCL)",
+                       description="""Labelled images (UniCL's image-label data), either
+  a folder of class sub-folders   DIR/<label>/*.jpg   (the sub-folder name is the label), or
+  a list file   image_path<TAB>label   (paths relative to --images-dir, default the list's
+        folder; an optional header line 'path<TAB>label').
+A label is a class index or a class name. With --classes (imagenet_classes.tsv: class_index,
+wnid, label_en, label_zh; or one name a line) each label is checked and written as its class
+index, with the class name (--lang) in column 1; without it the label is written as given.
+Output: class name, image id, base64 image, tags (empty unless --tags-from), label. Train on it
+with train_files: [[OUT.tsv, WEIGHT, label]] and label_classes.""" + COMMON_HELP)
+    p.add_argument("labels", metavar="CLASS_FOLDERS_OR_LIST")
+    p.add_argument("out", metavar="OUT.tsv")
+    p.add_argument("--images-dir", metavar="DIR", help="root of a list file's image paths")
+    p.add_argument("--classes", metavar="FILE", help="class-name file to check labels against")
+    p.add_argument("--lang", choices=["zh", "en"], default="zh",
+                   help="class-name language of column 1 with --classes (default zh)")
     return ap
 
 
@@ -171,6 +190,8 @@ def parse(args) -> list[tuple[cv.ParseResult, str]]:
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         return [(cv.parse_flickr8k_cn_reference(args.data_dir, s, args.lang),
                  os.path.join(args.out_dir, f"flickr8k_cn_{s}_{args.lang}.tsv")) for s in splits]
+    if c == "labels":
+        return [(cv.parse_labels(args.labels, args.images_dir, args.classes, args.lang), args.out)]
     raise AssertionError(c)
 
 

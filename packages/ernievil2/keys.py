@@ -63,12 +63,35 @@ def _is_pairs(v):
         and isinstance(p[2], (int, float)) and p[2] >= 0 for p in v))
 
 
+SOURCE_KINDS = ("text", "label")
+
+
+def _is_sources(v):
+    return isinstance(v, list) and all(
+        isinstance(p, list) and len(p) in (2, 3) and isinstance(p[0], str) and p[0].strip()
+        and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) and p[1] > 0
+        and (len(p) == 2 or p[2] in SOURCE_KINDS) for p in v)
+
+
 def _opt_num(v):
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
 
 
 TRAIN_KEYS = {
     "train_file": Key("", is_str, "a path", "training TSV: text \\t image_id \\t base64 [\\t tags [\\t label]]"),
+    "train_files": Key([], _is_sources, "a list of [path, weight] or [path, weight, text|label]",
+                       "more training files mixed with train_file's rows (weight 1.0; train_file may be empty): "
+                       "each row of a global batch comes from a file with probability weight / sum of weights; "
+                       "kind label = image-label rows (column 5: a class index or a class name of "
+                       "label_classes), whose text is a prompt of the class; label rows are UniCL positives "
+                       "when they share a class, text rows when they share an image id of one file"),
+    "label_classes": Key("", is_str, "a path or empty",
+                         "class names of label rows: a class_index/wnid/label_en/label_zh TSV "
+                         "(imagenet_classes.tsv) or one name a line"),
+    "label_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the label_classes names and built-in templates"),
+    "label_templates": Key("", is_str, "a path or empty",
+                           "prompt templates of label rows, one a line with one {}; empty = the built-in "
+                           "label_lang set (zeroshot.py); each step draws one per row"),
     "val_file": Key("", is_str, "a path or empty", "validation TSV scored every val_every steps (both protocols)"),
     "val_zeroshot_file": Key("", is_str, "a path or empty",
                              "labelled images classified zero-shot at every validation (top-1 / top-5 in the log "
@@ -115,7 +138,8 @@ TRAIN_KEYS = {
                  "contrasted view pairs; views: image, image_aug, text, text_aug, tags"),
     "targets": Key("clip", one_of("clip", "unicl"), "clip or unicl",
                    "unicl: rows sharing an image id (or label) are positives (soft targets)"),
-    "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two rows the same class for unicl"),
+    "unicl_key": Key("image_id", one_of("image_id", "label"), "image_id or label", "what makes two image-text rows the same class for unicl "
+                      "(image-label rows of train_files always go by their class)"),
     "init_logit_scale": Key(None, lambda v: v is None or is_num(0)(v), "null or a number >= 0",
                             "log of the initial logit scale of every configured view pair; null = 2.65926 "
                             "(official) where a temperature starts at random, the checkpoint's value where "

@@ -59,6 +59,9 @@ Published formats read here (one parser each; all return ``ParseResult``):
   (text, image id). The base64 is copied through after validation (URL-safe ``-_`` is mapped to
   ``+/``, which the project's strict reader requires). MUGE test texts carry no image ids.
 
+``labels`` -- labelled images (UniCL's image-label data): a folder of class sub-folders or a
+  list ``image_path \t label``; written with the label in column 5 (labels.py).
+
 ``flickr8k-cn reference`` -- this project's ``../shared/data/flickr8k_cn``:
   ``captions_{train,val}.tsv`` with the header ``image_file image_id lang caption`` (``lang`` is
   ``zh`` or ``en``; 5 of each per image) and an ``images/`` folder.
@@ -69,7 +72,7 @@ raises ``ConversionError``; a missing or unreadable image raises ``MissingImageE
 the lines are skipped and counted in ``WriteStats``. The output is written to a temporary name
 and renamed only when everything succeeded, so a failed run leaves no partial file.
 
-One module per source (folder, coco_cn, flickr_cn, aic_icc, muge, flickr8k_cn); common.py holds
+One module per source (folder, coco_cn, flickr_cn, aic_icc, muge, flickr8k_cn, labels); common.py holds
 the records and shared readers, images.py the image checks, writer.py ``write_pairs_tsv``.
 """
 from ..data.tsv import DataError
@@ -90,15 +93,17 @@ from .flickr8k_cn import FLICKR8K_CN_HEADER, parse_flickr8k_cn_reference
 from .flickr_cn import detokenize_segmented, find_flickr_cn_files, parse_flickr_cn
 from .folder import parse_coco_json, parse_folder, parse_folder_tsv
 from .images import shrink_image, sniff_image_format
+from .labels import ClassLabels, parse_class_folders, parse_label_list, parse_labels
 from .muge import index_base64_tsv, parse_muge
 from .writer import WriteStats, write_pairs_tsv
 
 __all__ = [
-    "Base64Ref", "ConversionError", "DataError", "FLICKR8K_CN_HEADER", "MissingImageError",
+    "Base64Ref", "ClassLabels", "ConversionError", "DataError", "FLICKR8K_CN_HEADER", "MissingImageError",
     "PairRecord", "ParseResult", "WriteStats", "clean_field", "coco_image_candidates",
     "detokenize_segmented", "find_flickr_cn_files", "index_base64_tsv", "load_tags",
     "parse_aic_icc", "parse_coco_cn", "parse_coco_json", "parse_flickr8k_cn_reference",
-    "parse_flickr_cn", "parse_folder", "parse_folder_tsv", "parse_muge", "read_image_list",
+    "parse_class_folders", "parse_flickr_cn", "parse_folder", "parse_folder_tsv",
+    "parse_label_list", "parse_labels", "parse_muge", "read_image_list",
     "resolve_coco_image", "shrink_image", "sniff_image_format", "strip_image_ext",
     "write_pairs_tsv",
 ]

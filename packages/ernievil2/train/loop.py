@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import paddle
 from tqdm import tqdm
 
@@ -26,7 +27,8 @@ from ..models.params import count_parameters
 from ..precision import autocast
 from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
-from .data import EpochSampler, MultiViewBatcher, TrainIndex
+from .data import (EpochSampler, MixedSampler, MultiViewBatcher, TrainIndex, TrainSources,
+                   label_prompts, sources_of)
 from .ema import ModelEMA
 from .feature_cache import ImageFeatureCache
 from .gradcache import freeze_batchnorm_stats, gradcache_step
@@ -43,8 +45,8 @@ IMAGE_VIEWS = ("image", "image_aug")
 @dataclass
 class Data:
     views: List[str]  # sorted: the order views are encoded in (GradCache replays it)
-    index: TrainIndex
-    sampler: EpochSampler
+    index: TrainSources
+    sampler: Any  # EpochSampler, or MixedSampler for several files
     batcher: MultiViewBatcher
     tokenizer: Any
     train_transform: Callable
@@ -128,16 +130,24 @@ def build_data(cfg, model, rank, world):
     tokenizer = create_tokenizer(cfg)
     check_vocab_fits(tokenizer, model, cfg.vocab_file)
     train_tf, eval_tf = create_transforms(cfg)
-    index = TrainIndex(cfg.train_file, need_tags="tags" in views,
-                       need_labels=cfg.targets == "unicl" and cfg.unicl_key == "label")
+    sources = sources_of(cfg)
+    prompts = label_prompts(cfg, sources)
+    text_labels = "unicl_key: label" if cfg.targets == "unicl" and cfg.unicl_key == "label" else ""
+    index = TrainSources(
+        [TrainIndex(s.path, need_tags="tags" in views and s.kind == "text",
+                    need_labels="an image-label file" if s.kind == "label" else text_labels)
+         for s in sources],
+        [s.weight for s in sources], [s.kind for s in sources],
+        resolve=prompts.resolve if prompts else None, unicl_key=cfg.unicl_key)
     if cfg.val_file:  # validation first runs after val_every steps: check its file now
         TrainIndex(cfg.val_file, kind="validation")
     zeroshot = zeroshot_task(cfg)
     cap_batch_size(cfg, len(index), world)
-    sampler = EpochSampler(len(index), cfg.batch_size, cfg.seed)
+    sampler = (EpochSampler(len(index), cfg.batch_size, cfg.seed) if len(sources) == 1 else
+               MixedSampler(index.sizes, index.weights, cfg.batch_size, cfg.seed))
     batcher = MultiViewBatcher(index, views, tokenizer, train_tf, eval_tf, cfg.seed, rank, world,
                                cfg.text_aug, cfg.text_mask_prob, cfg.augment, cfg.num_workers,
-                               id_source=cfg.unicl_key)
+                               id_source=cfg.unicl_key, prompts=prompts)
     return Data(views, index, sampler, batcher, tokenizer, train_tf, eval_tf, zeroshot)
 
 
@@ -150,7 +160,7 @@ def cap_batch_size(cfg, lines, world):
     if not capped:
         raise DataError(cfg.train_file, 1, f"{lines} training line(s), fewer than the {world} processes")
     log.warning("batch_size %d is larger than the %d training lines of %s: using batch_size %d",
-                cfg.batch_size, lines, cfg.train_file, capped)
+                cfg.batch_size, lines, ", ".join(s.path for s in sources_of(cfg)), capped)
     cfg["batch_size"] = capped
 
 
@@ -183,12 +193,15 @@ def build_encoders(model, views, amp, cached_images):
 
 
 def build_feature_cache(cfg, model, data, rank, world):
-    """The frozen image tower's features on K fixed views of every training image."""
+    """The frozen image tower's features on K fixed views of every training image (one cache
+    per training file, stacked in the order of TrainSources' global image index)."""
     cache_seed = cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed
-    cache = ImageFeatureCache.load_or_build(
-        cfg.image_feature_cache_dir, model.visual, data.index, cfg.image_feature_cache,
+    caches = [ImageFeatureCache.load_or_build(
+        cfg.image_feature_cache_dir, model.visual, index, cfg.image_feature_cache,
         data.train_transform, data.eval_transform, cache_seed, rank, world,
-        batch_size=cfg.val_batch_size, pool=data.batcher.pool)
+        batch_size=cfg.val_batch_size, pool=data.batcher.pool) for index in data.index.indexes]
+    cache = caches[0] if len(caches) == 1 else ImageFeatureCache(
+        np.concatenate([c.features for c in caches]))
     data.batcher.cache = cache
     return cache
 
@@ -214,6 +227,10 @@ def build_run(cfg, rank, world, device, amp, model, data):
              f"{count_parameters(model.text_model):,}", f"{sum(p.size for p in run.params):,}",
              len(decayed), len(data.index), data.sampler.steps_per_epoch,
              "frozen" if run.freeze_bn else "batch")
+    if len(data.index.indexes) > 1:
+        log.info("training files mixed by weight: %s", "; ".join(
+            f"{ix.path} ({kind}, {len(ix)} lines, weight {w:g})" for ix, kind, w
+            in zip(data.index.indexes, data.index.kinds, data.index.weights)))
     return run
 
 
@@ -362,7 +379,8 @@ def train_loop(run, data, signals):
         bar.update()
         last = run.step == cfg.max_steps
         if run.step % cfg.log_every == 0 or last:
-            log_step(run, epoch, info, samples / max(time.time() - t_last, 1e-9))
+            log_step(run, data.sampler.epoch(run.step - 1), info,
+                     samples / max(time.time() - t_last, 1e-9))
             bar.set_postfix(loss=f"{info['loss']:.4f}")
             t_last, samples = time.time(), 0
         val = run_validation(run, data) if run.step % cfg.val_every == 0 or last else None

@@ -9,8 +9,9 @@ folder_writer: rank 0, or one per machine when output_dir is not shared), the ot
   Lite0 checkpoint with its head, else the efficientnet-lite0-imagenet download), written once
   into a tagged copy output_dir/train_tags.tsv; a stamp beside it (the source file's size and
   time, the classifier, the class names) decides whether a later run may reuse it;
-- `vocab_file: auto`: the vocab of the training captions and tags (corpus_vocab.py), fitted to
-  the text tower's vocab_size, in output_dir/vocab.txt; a resumed run must find the same one.
+- `vocab_file: auto`: the vocab of the captions and tags of every training file and of every
+  prompt the label rows can get (corpus_vocab.py), fitted to the text tower's vocab_size, in
+  output_dir/vocab.txt; a resumed run must find the same one.
 After training (`embed_after_training`): embed_file embedded by the inference engine with the
 final model (output_dir/final/infer.yaml) into output_dir/final/embeddings.out.
 """
@@ -19,13 +20,14 @@ import logging
 import os
 
 from ..config import Config, ConfigError
-from ..corpus_vocab import tsv_vocab
+from ..corpus_vocab import fitted_vocab, tsv_texts
 from ..data.tsv import iter_records
 from ..distributed import barrier, folder_writer
 from ..fileio import write_text
 from ..models.ernie import load_ernie_config
 from ..pretrained import REGISTRY, cache_path, fetch_command
 from ..tokenizer import VocabError, load_vocab, write_vocab
+from .data import label_prompts, sources_of
 
 log = logging.getLogger("ernievil2.train")
 
@@ -37,12 +39,15 @@ EMBED_TRAIN_FILE = "train"  # embed_file value meaning train_file
 
 def prepare(cfg):
     """cfg with train_file / vocab_file / embed_file as the trainer should use them."""
-    if not os.path.isfile(cfg.train_file):
-        raise FileNotFoundError(f"train_file not found: {cfg.train_file or '(empty)'}")
+    sources = sources_of(cfg)
+    for source in sources:
+        if not os.path.isfile(source.path):
+            key = "train_file" if source.path == cfg.train_file else "train_files"
+            raise FileNotFoundError(f"{key} not found: {source.path or '(empty)'}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     out = Config(cfg)
-    embed_source = cfg.train_file  # embed_file: train means the user's file, not the tagged copy
-    if "tags" in views_of(cfg) and not has_tags(cfg.train_file):
+    embed_source = sources[0].path  # embed_file: train means the user's file, not the tagged copy
+    if "tags" in views_of(cfg) and cfg.train_file and not has_tags(cfg.train_file):
         out["train_file"] = tagged_train_file(out)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source
@@ -134,10 +139,13 @@ def auto_vocab(cfg):
     path = os.path.join(cfg.output_dir, "vocab.txt")
     if folder_writer(cfg.output_dir):
         rows = load_ernie_config(cfg.text_model_config)["vocab_size"]
+        sources = sources_of(cfg)
+        files = [s.path for s in sources]
         try:
-            tokens, min_freq = tsv_vocab([cfg.train_file], max_size=rows)
+            tokens, min_freq = fitted_vocab(tsv_texts(files) + prompt_texts(cfg, sources),
+                                            max_size=rows)
         except VocabError as e:
-            raise ConfigError(f"vocab_file: auto: {cfg.train_file}: {e} (vocab_size of "
+            raise ConfigError(f"vocab_file: auto: {', '.join(files)}: {e} (vocab_size of "
                               f"{cfg.text_model_config})") from None
         if cfg.resume and os.path.isfile(path) and load_vocab(path) != {t: i for i, t in enumerate(tokens)}:
             raise ConfigError(f"vocab_file: auto: the captions of {cfg.train_file} give another "
@@ -146,11 +154,21 @@ def auto_vocab(cfg):
         write_vocab(tokens, path)
         log.info("vocab_file auto: %d tokens from the captions%s of %s -> %s%s", len(tokens),
                  " and tags" if "tags" in views_of(cfg) else "",
-                 cfg.train_file, path,
+                 ", ".join(files), path,
                  f" (words seen fewer than {min_freq} times left out to fit the text tower's "
                  f"vocab_size {rows})" if min_freq > 1 else "")
     barrier()
     return path
+
+
+def prompt_texts(cfg, sources):
+    """Every prompt the label rows can get: each template with each class their files use."""
+    prompts = label_prompts(cfg, sources)
+    if prompts is None:
+        return []
+    used = {prompts.resolve(r.label, s.path, r.line_no)
+            for s in sources if s.kind == "label" for r in iter_records(s.path)}
+    return [t.format(prompts.class_names[c]) for c in sorted(used) for t in prompts.templates]
 
 
 # ------------------------------------------------------------------------------------ embeddings
