@@ -192,3 +192,17 @@ def test_an_error_on_any_rank_reaches_the_console_once(tmp_path, rank):
         assert noise not in console, noise
     assert cause in (logs / f"workerlog.{rank}").read_text(encoding="utf-8")
     assert "LAUNCH INFO" in (logs / "launcher.log").read_text(encoding="utf-8")
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`ernievil2-search ... --json | head`: the reader leaves early; no traceback, no noise."""
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "from ernievil2.cli import run_main\n"
+              "def main(argv):\n"
+              "    for i in range(200000):\n"
+              "        print('line', i)\n"
+              "run_main(main)\n") % str(ROOT / "packages")
+    r = subprocess.run(f"{sys.executable} -c \"$SCRIPT\" | head -n 2", shell=True, text=True,
+                       capture_output=True, env={**ENV, "SCRIPT": script}, timeout=120)
+    assert r.stdout == "line 0\nline 1\n"
+    assert r.stderr == ""

@@ -100,6 +100,11 @@ def run_main(main, argv=None):
         print(line, file=sys.stderr, flush=True)
         _leave_error(line, user=True)
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as cat does; the interpreter must not
+        # flush into the closed pipe again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as e:
         line = user_error_line(e)
         if line is None:
