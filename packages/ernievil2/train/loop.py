@@ -199,10 +199,11 @@ def build_encoders(model, views, amp, cached_images, levels=1):
     def image_fn(x, *rest):
         n = rest[-1]
         tags = rest[0] if len(rest) == 2 else None
-        if cached_images:
-            return model.project_image_levels(x, n, tags)
+        if cached_images:  # the cache holds every level (top first): keep the first n
+            return model.project_image_levels(x[..., :sum(widths[:n])], n, tags)
         return model.encode_image_levels(x, n, tags)
 
+    widths = model.visual.level_widths(levels)
     encoders = {}
     for v in views:
         n = levels if v in ("image", "text") else 1
