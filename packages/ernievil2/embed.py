@@ -4,7 +4,7 @@ A tower pair is two callables, numpy batch in, float32 [B, D] L2-normalised embe
 the model run eagerly or compiled (`model_towers`, here), or exported towers in Paddle Inference
 predictors (export.predictor_towers). `embed` feeds them a BatchLoader's batches.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import paddle
@@ -17,10 +17,13 @@ from .precision import autocast
 
 
 class Towers(NamedTuple):
-    """The two encoders as numpy batch -> float32 [B, embed_dim] normalised embeddings."""
-    encode_image: Callable[[np.ndarray], np.ndarray]
+    """The two encoders as numpy batch -> float32 [B, embed_dim] normalised embeddings. With
+    `image_tags` (a model with visual concepts) encode_image also takes the tag ids it gives for
+    a data.pipeline Batch."""
+    encode_image: Callable[..., np.ndarray]
     encode_text: Callable[[np.ndarray], np.ndarray]
     embed_dim: int
+    image_tags: Optional[Callable[..., np.ndarray]] = None
 
 
 class Embeddings(NamedTuple):
@@ -39,24 +42,32 @@ def input_specs(image_size, input_dtype="int64"):
             "text": InputSpec([None, None], input_dtype, "input_ids")}
 
 
-def model_towers(model, amp="none", to_static=False, image_size=None, input_dtype="int64"):
+def model_towers(model, amp="none", to_static=False, image_size=None, input_dtype="int64",
+                 image_tags=None):
     """The towers of a dual encoder, eager, or with `to_static` one compiled program per tower
-    (input_specs), compiled here, at start-up, not in the first batch."""
+    (input_specs), compiled here, at start-up, not in the first batch. A model with visual
+    concepts needs `image_tags`: Batch -> tag ids (tagging.ImageConcepts)."""
+    if model.uses_tags and image_tags is None:
+        raise ValueError("this model embeds visual concepts: its image tower needs image_tags")
+    tagged = model.uses_tags
     encode_image, encode_text = model.encode_image, model.encode_text
     if to_static:
         specs = input_specs(image_size, input_dtype)
-        encode_image = paddle.jit.to_static(encode_image, input_spec=[specs["image"]], full_graph=True)
+        image_spec = [specs["image"]] + ([InputSpec([None, None], "int64", "tag_ids")] if tagged else [])
+        encode_image = paddle.jit.to_static(encode_image, input_spec=image_spec, full_graph=True)
         encode_text = paddle.jit.to_static(encode_text, input_spec=[specs["text"]], full_graph=True)
 
     def numpy_in_out(fn):
-        def run(x):
+        def run(*x):
             with paddle.no_grad(), autocast(amp):
-                return fn(paddle.to_tensor(x)).astype("float32").numpy()
+                return fn(*map(paddle.to_tensor, x)).astype("float32").numpy()
         return run
 
-    towers = Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim)
+    towers = Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim,
+                    image_tags if tagged else None)
     if to_static:
-        towers.encode_image(np.zeros([1, 3, image_size, image_size], np.float32))
+        towers.encode_image(np.zeros([1, 3, image_size, image_size], np.float32),
+                            *([np.ones([1, 2], np.int64)] if tagged else []))
         towers.encode_text(np.ones([1, 2], input_dtype))
     return towers
 
@@ -68,7 +79,8 @@ def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> 
     with tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
-            images.append(towers.encode_image(batch.images))
+            tags = () if towers.image_tags is None else (towers.image_tags(batch),)
+            images.append(towers.encode_image(batch.images, *tags))
             texts.append(towers.encode_text(batch.input_ids))
             lines.append(batch.line_numbers)
             image_ids.extend(batch.image_ids)

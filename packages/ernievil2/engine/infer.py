@@ -9,6 +9,7 @@ import contextlib
 import os
 import time
 
+from ..config import ConfigError
 from ..data.pipeline import BatchLoader
 from ..data.tsv import DataError, count_lines
 from ..device import select_device
@@ -18,6 +19,7 @@ from ..export import predictor_towers
 from ..factory import (create_model_and_transforms, create_tokenizer, create_transforms,
                        image_preprocess_spec, text_encoder)
 from ..logging_utils import FILE_ONLY, setup_logging
+from ..tagging import image_tags_for
 from ..embeddings import write_embeddings
 from ..transforms import decode_image, set_max_image_pixels
 from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remove_leftovers,
@@ -25,16 +27,22 @@ from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remov
 
 
 def build_towers(cfg, device="cpu", amp="none"):
-    """(towers, eval image transform, text encoder) for the config's `execution`."""
+    """(towers, eval image transform, text encoder) for the config's `execution`. With
+    visual_concepts: embed the image tower also takes each line's tags (tagging.image_tags_for)."""
+    if cfg.visual_concepts == "embed" and cfg.execution == "inference":
+        raise ConfigError("visual_concepts: embed runs with execution: eager or to_static; the "
+                          "exported towers (execution: inference, ernievil2-export) take no tags")
     if cfg.execution == "inference":
         _, transform = create_transforms(cfg)
         tokenizer = create_tokenizer(cfg)
         towers = predictor_towers(cfg, device, amp)
     else:
         model, _, transform, tokenizer = create_model_and_transforms(cfg)
+        image_tags = (image_tags_for(cfg, cfg.test_file, tokenizer)
+                      if cfg.visual_concepts == "embed" else None)
         towers = model_towers(model, amp, to_static=cfg.execution == "to_static",
                               image_size=image_preprocess_spec(cfg.image_model, cfg.image_size)[0],
-                              input_dtype=cfg.input_dtype)
+                              input_dtype=cfg.input_dtype, image_tags=image_tags)
     return towers, transform, text_encoder(cfg, tokenizer)
 
 

@@ -24,6 +24,7 @@ from ..losses import ContrastivePair, MultiViewContrastiveLoss
 from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, level_view, temperature_name
 from ..models.params import count_parameters
 from ..precision import autocast
+from ..tagging import image_tags_for
 from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
 from .data import EpochSampler, MultiViewBatcher, TrainIndex
@@ -49,6 +50,7 @@ class Data:
     tokenizer: Any
     train_transform: Callable
     eval_transform: Callable
+    val_tags: Optional[Callable] = None  # visual concepts: val_file's tags (made at first use)
 
 
 @dataclass
@@ -354,10 +356,12 @@ def run_validation(run, data):
         return None
     result = None
     if run.rank == 0:
+        if run.model.uses_tags and data.val_tags is None:
+            data.val_tags = image_tags_for(run.cfg, run.cfg.val_file, data.tokenizer)
         with eval_weights(run):
             result = validate(run.model, run.cfg.val_file, data.eval_transform,
                               lambda t: data.tokenizer.batch_encode(t, padding="longest"),
-                              run.cfg.val_batch_size, run.cfg.num_workers)
+                              run.cfg.val_batch_size, run.cfg.num_workers, data.val_tags)
         log.info("step %d validation: mean recall %s (official protocol), %s (multi-caption)",
                  run.step, *(both_figures(result, p) for p in ("official", "multi_caption")))
         append_record(run, {"step": run.step, "validation": result})

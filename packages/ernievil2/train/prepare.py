@@ -41,7 +41,8 @@ def prepare(cfg, rank):
     os.makedirs(cfg.output_dir, exist_ok=True)
     out = Config(cfg)
     embed_source = cfg.train_file  # embed_file: train means the user's file, not the tagged copy
-    if "tags" in views_of(cfg) and not has_tags(cfg.train_file):
+    needs_tags = "tags" in views_of(cfg) or cfg.visual_concepts == "embed"
+    if needs_tags and not has_tags(cfg.train_file):
         out["train_file"] = tagged_train_file(out, rank)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source

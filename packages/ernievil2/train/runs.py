@@ -30,7 +30,7 @@ from .gradcache import get_rng_states, set_rng_states
 log = logging.getLogger("ernievil2.train")
 # Keys of the final infer.yaml that name files: written absolute, so it works from any directory.
 PATH_KEYS = ("vocab_file", "text_model_config", "test_file", "output_file", "init_from_params",
-             "log_dir", "export_dir")
+             "log_dir", "export_dir", "tag_classifier", "tag_classes")
 # The keys a checkpoint's model and optimizer state depend on: a resume must have the same values.
 RESUME_KEYS = ("image_model", "image_size", "embed_dim", "text_model_config", "max_text_seqlen",
                "views", "targets", "unicl_key", "batch_size", "freeze_image_tower",
