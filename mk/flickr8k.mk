@@ -4,6 +4,8 @@
 #                           val recall in the official and the multi-caption protocols
 #   make flickr8k-baseline  frozen Lite0 features + character n-gram bag, linear maps (~2 min)
 #   make flickr8k-ablation  views / targets / caption languages, 3 seeds a row (~25 min on 2 cores)
+#   make flickr8k-vicha     ViCHA rows (hierarchical alignment, visual concepts) with a 2-layer
+#                           text tower, 100 steps, 3 seeds a row (~45 min on 2 cores)
 SHARED      ?= ../shared
 F8K_OUT     ?= flickr8k_out
 F8K_CONFIG  ?= packages/configs/flickr8k_cn_lite0.yaml
@@ -23,7 +25,7 @@ F8K_TSVS    := $(F8K_OUT)/.tsvs-zh-both.stamp
 F8K_PATHS    = train_file=$(F8K_TAGGED) val_file=$(F8K_VAL) vocab_file=$(F8K_VOCAB) \
                init_image_tower=$(F8K_TOWER) image_feature_cache_dir=$(F8K_OUT)/feature_cache
 
-.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation clean-flickr8k
+.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation flickr8k-vicha clean-flickr8k
 
 $(F8K_TSVS): | setup
 	@test -f $(F8K_DATA)/captions_train.tsv || { echo "Flickr8k-CN reference data not found in $(F8K_DATA) (set SHARED=...)" >&2; exit 1; }
@@ -65,6 +67,13 @@ flickr8k-ablation: flickr8k-data $(F8K_TAGGED_ZH)
 	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation --config $(F8K_CONFIG) --jobs 2 \
 	    --rows it,it+ii,it+tt,it+tags,it-unicl,recipe,recipe-zh \
 	    --row-set recipe-zh:train_file=$(F8K_TAGGED_ZH) $(F8K_PATHS) image_feature_cache_seed=0
+
+# the recipe with a 2-layer text tower (K >= 2 needs layers to align), + hierarchical_layers=2,
+# + visual_concepts=embed (val tags: the classifier that made the training tags, on each image)
+flickr8k-vicha: flickr8k-data
+	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation_vicha --config $(F8K_CONFIG) \
+	    --rows recipe,recipe-k2,recipe-concepts --steps 100 $(F8K_PATHS) image_feature_cache_seed=0 \
+	    text_model_config=ernie-mean-2l tag_classifier=$(F8K_LITE0) tag_classes=$(F8K_CLASSES) tag_lang=zh
 
 clean-flickr8k:
 	rm -rf $(F8K_OUT)

@@ -189,3 +189,18 @@ def test_config_errors_are_one_line(tmp_path):
     proc = subprocess.run(cmd(path), capture_output=True, text=True, timeout=300)
     assert "hierarchical_weights has 2 number(s); hierarchical_layers 2 needs 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_feature_cache_keeps_every_level_under_its_own_key(tmp_path):
+    from ernievil2.train.data import TrainIndex
+    from ernievil2.train.feature_cache import fingerprint
+    from ernievil2.transforms import make_eval_transform, make_train_transform
+
+    path, _ = train_config(tmp_path / "fp")
+    index = TrainIndex(path.replace("train.yaml", "train.tsv"))
+    paddle.seed(0)
+    net = EfficientNet("lite0", with_classifier=False, image_size=32)
+    tfs = (make_train_transform(32), make_eval_transform(32))
+    keys = [fingerprint(t, index, 2, *tfs, 0) for t in (net, LevelTower(net, 2), LevelTower(net, 3))]
+    assert len(set(keys)) == 3
+    assert keys[0] == fingerprint(net, index, 2, *tfs, 0)  # K=1 keeps the plain tower's key

@@ -31,6 +31,7 @@ import paddle.nn as nn
 from tqdm import tqdm
 
 from ..distributed import all_gather_no_grad, all_gather_object, is_distributed
+from ..fileio import atomic_path
 from .data import ThreadFiles
 
 log = logging.getLogger("ernievil2.train")
@@ -129,7 +130,7 @@ class ImageFeatureCache:
     def load_or_build(cls, cache_dir, tower, index, views_per_image, train_transform,
                       eval_transform, seed, rank=0, world_size=1, **build_kw):
         """`build`, or the file a previous run with the same fingerprint saved in `cache_dir`
-        (written by rank 0 to a temporary name, then renamed)."""
+        (written by rank 0 atomically)."""
         if not cache_dir:
             return cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
                              rank, world_size, **build_kw)
@@ -144,9 +145,8 @@ class ImageFeatureCache:
                           rank, world_size, **build_kw)
         if rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}.npy"
-            np.save(tmp, cache.features)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # keeps the .npy extension, so np.save adds none
+                np.save(tmp, cache.features)
             log.info("saved the frozen image features to %s", path)
         return cache
 
