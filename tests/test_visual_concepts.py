@@ -152,3 +152,13 @@ def test_a_missing_classifier_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "tag classifier not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_says_in_one_line_that_it_has_no_tag_input(tmp_path):
+    from ernievil2.config import ConfigError
+    from ernievil2.export import export_from_config
+
+    cfg = as_config(tiny_config(tmp_path, visual_concepts="embed"))
+    with pytest.raises(ConfigError, match="the export format has no input for"):
+        export_from_config(cfg, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
