@@ -51,7 +51,8 @@ PROJECT_KEYS = {
                        "when the tags view needs tags and train_file has none, the trainer tags each image "
                        "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "
                        "efficientnet-lite0-imagenet download): their names from this class_index/wnid/"
-                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999)"),
+                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999); with "
+                       "visual_concepts: embed, inference names the tag_classifier's classes the same way"),
     "tag_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the tag_classes names"),
     "tag_classifier": Key("", is_str, "a path or empty",
                           "visual_concepts: embed: the ImageNet Lite0 classifier whose top-3 classes of "

@@ -91,7 +91,6 @@ class ErnieViL2(nn.Layer):
                 text_model.num_features,
                 visual.class_embedding.shape[-1] if self.concepts_at_cls else visual.num_features)
         self.train_heads = nn.Layer()  # empty unless training adds view-pair temperatures
-        self.levels = 1
 
     @property
     def image_size(self):
@@ -157,7 +156,7 @@ class ErnieViL2(nn.Layer):
     # -- hierarchical alignment ---------------------------------------------------------------
     def add_level_heads(self, levels):
         """Create the training-only projections of levels 1 .. levels-1 (a ValueError when a
-        tower has fewer layers). Their temperatures come with add_temperatures(level pairs)."""
+        tower has fewer levels). Their temperatures come with add_temperatures(level pairs)."""
         depth = {"image": self.visual.depth, "text": self.text_model.depth}
         short = {k: d for k, d in depth.items() if d < levels}
         if short:
@@ -174,7 +173,6 @@ class ErnieViL2(nn.Layer):
                 if not hasattr(self.train_heads, name):
                     self.train_heads.add_sublayer(
                         name, nn.Linear(widths[view][i], self.embed_dim, bias_attr=False))
-        self.levels = max(self.levels, levels)
 
     def _level_head(self, view, level):
         name = f"{level_view(view, level)}_proj"
