@@ -204,3 +204,18 @@ def test_the_feature_cache_keeps_every_level_under_its_own_key(tmp_path):
     keys = [fingerprint(t, index, 2, *tfs, 0) for t in (net, LevelTower(net, 2), LevelTower(net, 3))]
     assert len(set(keys)) == 3
     assert keys[0] == fingerprint(net, index, 2, *tfs, 0)  # K=1 keeps the plain tower's key
+
+
+@pytest.mark.slow
+def test_levels_and_concepts_train_under_gradcache(tmp_path):
+    """The trainer's GradCache path with level features and (features, tag ids) image inputs:
+    with dropout off it gives the losses of the whole-batch step."""
+    quiet = {**TINY_ERNIE, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    from helpers import write_json
+    over = dict(log_every=1, hierarchical_layers=2, visual_concepts="embed",
+                text_model_config=write_json(tmp_path / "quiet.json", quiet))
+    whole, _ = _run(tmp_path, "whole", **over)
+    micro, _ = _run(tmp_path, "micro", micro_batch_size=4, **over)
+    assert "loss/image_h1-text_h1" in micro[0]
+    for a, b in zip(whole, micro):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
