@@ -219,3 +219,13 @@ def test_levels_and_concepts_train_under_gradcache(tmp_path):
     assert "loss/image_h1-text_h1" in micro[0]
     for a, b in zip(whole, micro):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_levels_stops_naming_the_key(tmp_path):
+    path, _ = train_config(tmp_path / "r", max_steps=2, save_every=2, hierarchical_layers=2)
+    subprocess.run(cmd(path), check=True, capture_output=True, timeout=600)
+    proc = subprocess.run(cmd(path, "max_steps=4", "resume=auto", "hierarchical_layers=1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "hierarchical_layers" in proc.stderr and "Traceback" not in proc.stderr

@@ -35,6 +35,8 @@ PATH_KEYS = ("vocab_file", "text_model_config", "test_file", "output_file", "ini
 RESUME_KEYS = ("image_model", "image_size", "embed_dim", "text_model_config", "max_text_seqlen",
                "views", "targets", "unicl_key", "batch_size", "freeze_image_tower",
                "freeze_text_tower")
+# Model keys added later: in the signature only when set, so older checkpoints still resume.
+OPTIONAL_RESUME_KEYS = {"hierarchical_layers": 1, "visual_concepts": "none"}
 # A model this size trains for days on a CPU (ViT-B/16 + ERNIE base has 204M parameters).
 CPU_HINT_PARAMETERS = 50_000_000
 CPU_RECIPE = "packages/configs/flickr8k_cn_lite0.yaml"
@@ -79,6 +81,7 @@ def prepare_output_dir(cfg, rank):
 def resume_signature(cfg):
     """The RESUME_KEYS of cfg, the text tower as its json's content (not where the file is)."""
     return {**{k: cfg[k] for k in RESUME_KEYS},
+            **{k: cfg[k] for k, default in OPTIONAL_RESUME_KEYS.items() if cfg[k] != default},
             "text_model_config": load_ernie_config(cfg.text_model_config)}
 
 
