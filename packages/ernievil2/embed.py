@@ -47,9 +47,9 @@ def model_towers(model, amp="none", to_static=False, image_size=None, input_dtyp
     """The towers of a dual encoder, eager, or with `to_static` one compiled program per tower
     (input_specs), compiled here, at start-up, not in the first batch. A model with visual
     concepts needs `image_tags`: Batch -> tag ids (tagging.ImageConcepts)."""
-    if model.uses_tags and image_tags is None:
+    tagged = getattr(model, "uses_tags", False)  # any object with the two encode_* methods works
+    if tagged and image_tags is None:
         raise ValueError("this model embeds visual concepts: its image tower needs image_tags")
-    tagged = model.uses_tags
     encode_image, encode_text = model.encode_image, model.encode_text
     if to_static:
         specs = input_specs(image_size, input_dtype)
