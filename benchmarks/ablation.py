@@ -6,7 +6,8 @@
 
 Each (row, seed) is one `bash run_train.sh 0 CONFIG ...` run (the user's own entry point) with
 the row's `views`/`targets`, `seed`, `max_steps` and validation only at the end; every row runs
-the same number of optimizer steps on the same batches (seeded sampler). Its final validation
+the same number of optimizer steps on the same batches (seeded sampler). The recipe-k2 and
+recipe-concepts rows add hierarchical_layers=2 / visual_concepts=embed (ViCHA) to the recipe. Its final validation
 (train.jsonl) is kept. Written to DIR (atomically, after every run, so a partial ablation still
 has a table): ablation.json (every run: recall rows in both protocols, seconds) and ablation.md
 (per row mean ± sample std over seeds of the multi-caption mean recall, its Text2Image and
@@ -58,6 +59,10 @@ ROWS["recipe+labels"] = ("the config's views and targets + image-label rows", No
 ROWS["notags+labels"] = ("image-label rows instead of the tags view",
                          [IT, ["image", "image_aug", 0.5], ["text", "text_aug", 0.5]], "unicl")
 ROW_NEEDS = {"recipe-zh": "train_file", "recipe+labels": "train_files", "notags+labels": "train_files"}
+# rows that change the recipe's model or loss (ViCHA); meaningful with a text tower of >= 2 layers
+ROWS["recipe-k2"] = ("the config's views, hierarchical alignment of the top 2 layers", None, None)
+ROWS["recipe-concepts"] = ("the config's views, visual concepts embedded", None, None)
+ROW_OVERRIDES = {"recipe-k2": ["hierarchical_layers=2"], "recipe-concepts": ["visual_concepts=embed"]}
 DEFAULT_ROWS = "it,it+ii,it+tt,it+tags,it-unicl,recipe"
 
 
@@ -113,7 +118,7 @@ def final_validation(run_dir):
 def run_one(config, row, seed, steps, run_dir, extra, log_path):
     _, views, targets = ROWS[row]
     overrides = [f"views={json.dumps(views)}", f"targets={targets}"] if views else []
-    overrides += [f"seed={seed}",
+    overrides += ROW_OVERRIDES.get(row, []) + [f"seed={seed}",
                  f"max_steps={steps}", f"val_every={steps}", f"save_every={steps}",
                  f"output_dir={run_dir}", f"log_dir={run_dir}", "keep_last=1", *extra]
     cmd = ["bash", str(ROOT / "run_train.sh"), "0", str(config), *overrides]
@@ -214,7 +219,8 @@ def main(argv=None):
     except ValueError as e:
         ap.error(str(e))
     try:  # every row's config as run_train.sh will read it: bad keys fail here, not mid-way
-        configs = {row: load_config(args.config, args.overrides + row_sets.get(row, []))
+        configs = {row: load_config(args.config, ROW_OVERRIDES.get(row, []) + args.overrides
+                                    + row_sets.get(row, []))
                    for row in rows}
     except ConfigError as e:
         ap.error(str(e))

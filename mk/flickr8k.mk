@@ -6,6 +6,8 @@
 #   make flickr8k-ablation  views / targets / caption languages, 3 seeds a row (~25 min on 2 cores)
 #   make flickr8k-unicl     + the Lite0 classifier's confident top-1 classes as image-label rows
 #                           (UniCL), 3 seeds a row, and zero-shot top-1/5 on the labelled Lite0 photos
+#   make flickr8k-vicha     ViCHA rows (hierarchical alignment, visual concepts) with a 2-layer
+#                           text tower, 100 steps, 3 seeds a row (~45 min on 2 cores)
 SHARED      ?= ../shared
 F8K_OUT     ?= flickr8k_out
 F8K_CONFIG  ?= packages/configs/flickr8k_cn_lite0.yaml
@@ -30,7 +32,8 @@ F8K_LABELS  := $(F8K_OUT)/flickr8k_cn_train_lite0_labels.tsv
 F8K_ZS_TSV  := $(F8K_OUT)/imagenet50_labels.tsv
 F8K_LABEL_ROWS = train_files=[[$(F8K_LABELS), 0.1, label]]
 
-.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation flickr8k-unicl clean-flickr8k
+.PHONY: flickr8k flickr8k-data flickr8k-baseline flickr8k-ablation flickr8k-unicl flickr8k-vicha \
+        clean-flickr8k
 
 $(F8K_TSVS): | setup
 	@test -f $(F8K_DATA)/captions_train.tsv || { echo "Flickr8k-CN reference data not found in $(F8K_DATA) (set SHARED=...)" >&2; exit 1; }
@@ -95,6 +98,13 @@ flickr8k-unicl: flickr8k-data $(F8K_LABELS) $(F8K_ZS_TSV)
 	    $(PY) eval_zeroshot.py $$run/final/infer.yaml --classes $(F8K_CLASSES) --images $(F8K_ZS_TSV) \
 	        --lang $$lang --json $$run/zeroshot_$$lang.json > /dev/null || exit 1; done; done
 	$(PY) benchmarks/unicl_zeroshot.py $(F8K_OUT)/ablation_unicl
+
+# the recipe with a 2-layer text tower (K >= 2 needs layers to align), + hierarchical_layers=2,
+# + visual_concepts=embed (val tags: the classifier that made the training tags, on each image)
+flickr8k-vicha: flickr8k-data
+	$(PY) benchmarks/ablation.py --out-dir $(F8K_OUT)/ablation_vicha --config $(F8K_CONFIG) \
+	    --rows recipe,recipe-k2,recipe-concepts --steps 100 $(F8K_PATHS) image_feature_cache_seed=0 \
+	    text_model_config=ernie-mean-2l tag_classifier=$(F8K_LITE0) tag_classes=$(F8K_CLASSES) tag_lang=zh
 
 clean-flickr8k:
 	rm -rf $(F8K_OUT)

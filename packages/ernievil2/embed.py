@@ -5,7 +5,7 @@ the model run eagerly or compiled (`model_towers`, here), or exported towers in 
 predictors (export.predictor_towers); `build_towers` picks one by the config's `execution`.
 `embed` feeds them a BatchLoader's batches, running the image tower once per distinct image.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import paddle
@@ -13,17 +13,22 @@ from paddle.static import InputSpec
 from tqdm import tqdm
 
 from .data.pipeline import BatchLoader
+from .config import ConfigError
 from .data.tsv import SkipReport
 from .factory import (create_model_and_transforms, create_tokenizer, create_transforms,
                       image_preprocess_spec, text_encoder)
 from .precision import autocast
+from .tagging import image_tags_for
 
 
 class Towers(NamedTuple):
-    """The two encoders as numpy batch -> float32 [B, embed_dim] normalised embeddings."""
-    encode_image: Callable[[np.ndarray], np.ndarray]
+    """The two encoders as numpy batch -> float32 [B, embed_dim] normalised embeddings. With
+    `image_tags` (a model with visual concepts) encode_image also takes the tag ids it gives for
+    a data.pipeline Batch."""
+    encode_image: Callable[..., np.ndarray]
     encode_text: Callable[[np.ndarray], np.ndarray]
     embed_dim: int
+    image_tags: Optional[Callable[..., np.ndarray]] = None
 
 
 class Embeddings(NamedTuple):
@@ -42,30 +47,42 @@ def input_specs(image_size, input_dtype="int64"):
             "text": InputSpec([None, None], input_dtype, "input_ids")}
 
 
-def model_towers(model, amp="none", to_static=False, image_size=None, input_dtype="int64"):
+def model_towers(model, amp="none", to_static=False, image_size=None, input_dtype="int64",
+                 image_tags=None):
     """The towers of a dual encoder, eager, or with `to_static` one compiled program per tower
-    (input_specs), compiled here, at start-up, not in the first batch."""
+    (input_specs), compiled here, at start-up, not in the first batch. A model with visual
+    concepts needs `image_tags`: Batch -> tag ids (tagging.ImageConcepts)."""
+    tagged = getattr(model, "uses_tags", False)  # any object with the two encode_* methods works
+    if tagged and image_tags is None:
+        raise ValueError("this model embeds visual concepts: its image tower needs image_tags")
     encode_image, encode_text = model.encode_image, model.encode_text
     if to_static:
         specs = input_specs(image_size, input_dtype)
-        encode_image = paddle.jit.to_static(encode_image, input_spec=[specs["image"]], full_graph=True)
+        image_spec = [specs["image"]] + ([InputSpec([None, None], "int64", "tag_ids")] if tagged else [])
+        encode_image = paddle.jit.to_static(encode_image, input_spec=image_spec, full_graph=True)
         encode_text = paddle.jit.to_static(encode_text, input_spec=[specs["text"]], full_graph=True)
 
     def numpy_in_out(fn):
-        def run(x):
+        def run(*x):
             with paddle.no_grad(), autocast(amp):
-                return fn(paddle.to_tensor(x)).astype("float32").numpy()
+                return fn(*map(paddle.to_tensor, x)).astype("float32").numpy()
         return run
 
-    towers = Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim)
+    towers = Towers(numpy_in_out(encode_image), numpy_in_out(encode_text), model.embed_dim,
+                    image_tags if tagged else None)
     if to_static:
-        towers.encode_image(np.zeros([1, 3, image_size, image_size], np.float32))
+        towers.encode_image(np.zeros([1, 3, image_size, image_size], np.float32),
+                            *([np.ones([1, 2], np.int64)] if tagged else []))
         towers.encode_text(np.ones([1, 2], input_dtype))
     return towers
 
 
 def build_towers(cfg, device="cpu", amp="none"):
-    """(towers, eval image transform, text encoder) for the config's `execution`."""
+    """(towers, eval image transform, text encoder) for the config's `execution`. With
+    visual_concepts: embed the image tower also takes each line's tags (tagging.image_tags_for)."""
+    if cfg.visual_concepts == "embed" and cfg.execution == "inference":
+        raise ConfigError("visual_concepts: embed runs with execution: eager or to_static; the "
+                          "exported towers (execution: inference, ernievil2-export) take no tags")
     if cfg.execution == "inference":
         from .export import predictor_towers  # export imports this module
         _, transform = create_transforms(cfg)
@@ -73,9 +90,11 @@ def build_towers(cfg, device="cpu", amp="none"):
         towers = predictor_towers(cfg, device, amp)
     else:
         model, _, transform, tokenizer = create_model_and_transforms(cfg)
+        image_tags = (image_tags_for(cfg, cfg.test_file, tokenizer)
+                      if cfg.visual_concepts == "embed" else None)
         towers = model_towers(model, amp, to_static=cfg.execution == "to_static",
                               image_size=image_preprocess_spec(cfg.image_model, cfg.image_size)[0],
-                              input_dtype=cfg.input_dtype)
+                              input_dtype=cfg.input_dtype, image_tags=image_tags)
     return towers, transform, text_encoder(cfg, tokenizer)
 
 
@@ -90,13 +109,15 @@ class DistinctImages:
         self.seen = {}  # image key -> its embedding row
         self.images_embedded = 0
 
-    def __call__(self, images: np.ndarray, keys: list) -> np.ndarray:
+    def __call__(self, images: np.ndarray, keys: list, *inputs: np.ndarray) -> np.ndarray:
+        """inputs: further per-row inputs of the image tower (visual concepts' tag ids)."""
         new = {}  # key -> index of its first row in this batch, for keys not seen before
         for i, key in enumerate(keys):
             if key not in self.seen and key not in new:
                 new[key] = i
         if new:
-            rows = self.encode_image(images[list(new.values())])
+            first = list(new.values())
+            rows = self.encode_image(images[first], *(x[first] for x in inputs))
             self.seen.update(zip(new, rows))
             self.images_embedded += len(new)
         return np.stack([self.seen[key] for key in keys])
@@ -111,7 +132,11 @@ def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> 
     with tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
-            images.append(encode_image(batch.images, batch.image_keys))
+            tags = () if towers.image_tags is None else (towers.image_tags(batch),)
+            # with visual concepts an embedding depends on the line's tags (a 4th column) too
+            keys = (batch.image_keys if not tags else
+                    [(key, row.tobytes()) for key, row in zip(batch.image_keys, tags[0])])
+            images.append(encode_image(batch.images, keys, *tags))
             texts.append(towers.encode_text(batch.input_ids))
             lines.append(batch.line_numbers)
             image_ids.extend(batch.image_ids)

@@ -179,6 +179,10 @@ def export_from_config(cfg, out_dir, onnx=False, opset=ONNX_OPSET, verify=True):
     (`verified_max_abs_diff`). Nothing failed is left in place: an error or a difference above
     VERIFY_TOLERANCE removes the whole export when it is the Paddle one (ExportError), the ONNX
     files and their encoder.json entry when it is the ONNX conversion."""
+    if cfg.visual_concepts == "embed":
+        raise ConfigError("visual_concepts: embed: the exported image tower would need each image's "
+                          "tag ids, which the export format has no input for; embed with run_infer.sh "
+                          "(execution: eager or to_static)")
     model = create_model(cfg)
     source = {"fingerprint": config_fingerprint(cfg), "init_from_params": cfg.init_from_params,
               "seed": cfg.seed, "image_model": cfg.image_model,

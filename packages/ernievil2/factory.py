@@ -114,13 +114,13 @@ def build_text_tower(text_model_config, **overrides):
 
 
 def build_dual_encoder(image_model="vit_b16", text_model_config=None, embed_dim=None,
-                       image_size=None, **text_overrides):
+                       image_size=None, visual_concepts="none", **text_overrides):
     """The towers from their specs (random weights); create_model does this from a config."""
     if text_model_config is None:
         raise ConfigError("text_model_config (an ERNIE json config) is required")
     visual = build_image_tower(image_model, image_size)
     text = build_text_tower(text_model_config, **text_overrides)
-    return ErnieViL2(visual, text, embed_dim=embed_dim)
+    return ErnieViL2(visual, text, embed_dim=embed_dim, visual_concepts=visual_concepts)
 
 
 def image_preprocess_spec(image_model, image_size=None):
@@ -143,7 +143,7 @@ def create_model(config=None, *, load_weights=True, **overrides):
     cfg = as_config(config, **overrides)
     paddle.seed(cfg.seed)  # the same random weights on every process and every run
     model = build_dual_encoder(cfg.image_model, cfg.text_model_config, embed_dim=cfg.embed_dim,
-                               image_size=cfg.image_size)
+                               image_size=cfg.image_size, visual_concepts=cfg.visual_concepts)
     if load_weights and cfg.init_from_params:
         info = load_checkpoint(model, cfg.init_from_params)
         log.info("checkpoint %s: %s layout, %d tensors loaded", cfg.init_from_params,

@@ -47,6 +47,23 @@ PROJECT_KEYS = {
     "write_sidecar": Key(True, is_bool, "true or false", "also write OUTPUT.npz, which eval_retri.py reads faster"),
     "log_dir": Key("./log", is_str, "a path", "run logs (and the launcher's logs under log_dir/launch)"),
     "seed": Key(0, is_int(0), "an int >= 0", "random seed (random weights, augmentation, shuffling)"),
+    "tag_classes": Key("", is_str, "a path or empty",
+                       "when the tags view needs tags and train_file has none, the trainer tags each image "
+                       "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "
+                       "efficientnet-lite0-imagenet download): their names from this class_index/wnid/"
+                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999); with "
+                       "visual_concepts: embed, inference names the tag_classifier's classes the same way"),
+    "tag_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the tag_classes names"),
+    "tag_classifier": Key("", is_str, "a path or empty",
+                          "visual_concepts: embed: the ImageNet Lite0 classifier whose top-3 classes of "
+                          "each image are its tags where the TSV has no 4th column (the reference .npz, "
+                          "or a tower checkpoint with its head); empty = the efficientnet-lite0-imagenet "
+                          "download"),
+    "visual_concepts": Key("none", one_of("none", "embed"), "none or embed",
+                           "embed: the image's object tags (the Lite0 classifier on the image, or the "
+                           "TSV's 4th column), embedded with the text tower's word table, join the image "
+                           "tower (ViT: at [CLS]; EfficientNet: a zero-initialised map onto the pooled "
+                           "feature) (ViCHA)"),
 }
 
 INFER_KEYS = {**OFFICIAL_KEYS, **PROJECT_KEYS}
@@ -161,12 +178,14 @@ TRAIN_KEYS = {
     "resume": Key("", is_str, "empty, auto or a path", "auto = latest checkpoint in output_dir (an unreadable one falls back to the one before); "
                   "needs the checkpoint's model and batch keys and process count"),
     "overwrite": Key(False, is_bool, "true or false", "empty a used output_dir first (else a new run refuses one that is not empty)"),
-    "tag_classes": Key("", is_str, "a path or empty",
-                       "when the tags view needs tags and train_file has none, the trainer tags each image "
-                       "with its top-3 ImageNet classes (the Lite0 classifier: init_image_tower or the "
-                       "efficientnet-lite0-imagenet download): their names from this class_index/wnid/"
-                       "label_en/label_zh TSV; empty = the class numbers as words (c0 .. c999)"),
-    "tag_lang": Key("zh", one_of("zh", "en"), "zh or en", "language of the tag_classes names"),
+    "hierarchical_layers": Key(1, is_int(1), "a positive int",
+                               "the image-text loss also on the pooled features of the K-1 layers below "
+                               "the top of both towers, each through its own training-only projection and "
+                               "temperature (ViCHA); 1 = the top only"),
+    "hierarchical_weights": Key(None, lambda v: v is None or (isinstance(v, list) and all(
+        is_num(0)(w) for w in v)), "null or a list of numbers >= 0",
+        "loss weights of the levels 1..K-1 below the top (hierarchical_layers - 1 numbers); null = "
+        "the image-text pair's weight for each"),
     "embed_file": Key("", is_str, "empty, train or a path",
                       "after training, embed this TSV with the final model into "
                       "output_dir/final/embeddings.out (+ .npz); train = train_file; empty = none"),

@@ -95,3 +95,87 @@ def extract_tags(in_path, out_path, tagger, batch_size=32, num_workers=2, progre
     distinct images)."""
     tags = classify_images(in_path, tagger, batch_size, num_workers, progress)
     return write_tagged(in_path, out_path, tags), len(tags)
+
+
+# ------------------------------------------------------------------- visual concepts (ViCHA)
+CONCEPT_TOPK = 3  # tags per image, as the trainer computes them (train/prepare.py)
+
+
+def concept_tagger(classifier, classes="", lang="zh", topk=CONCEPT_TOPK):
+    """The ImageNet Lite0 classifier the tags come from: the reference npz
+    (../shared/data/efficientnet_lite0) or a tower checkpoint with its head (the
+    efficientnet-lite0-imagenet download); class names from `classes` (imagenet_classes.tsv),
+    else the class numbers as words (c0 .. c999), as the trainer names them."""
+    from .models.lite0_timm import classifier_from_checkpoint
+    from .tags import ObjectTagger, load_class_names
+
+    if not os.path.isfile(classifier):
+        raise FileNotFoundError(f"tag classifier not found: {classifier}")
+    if str(classifier).endswith(".npz"):
+        from .models.efficientnet import build_efficientnet
+        from .models.lite0_port import load_lite0_npz
+
+        model = build_efficientnet("lite0", with_classifier=True)
+        load_lite0_npz(model, classifier)
+    else:
+        model = classifier_from_checkpoint(classifier)
+    names = (load_class_names(classes, lang) if classes
+             else [f"c{i}" for i in range(model.num_classes)])
+    return ObjectTagger(model, names, topk=topk)
+
+
+class ImageConcepts:
+    """The tags of every line's image of one TSV, for a model with visual concepts: the line's 4th
+    column when it has one, else the classifier's top-k classes of the image (each distinct image
+    classified once, up front). The caption (column 1) is never read."""
+
+    def __init__(self, path, tagger=None, progress=False):
+        self.path = path
+        self.by_image = {}
+        needs_classifier = any(r.tags is None for r in iter_records(path))
+        if needs_classifier:
+            if tagger is None:
+                raise DataError(path, None, "visual_concepts: lines without tags (column 4) need "
+                                "the tag classifier")
+            self.by_image = classify_images(path, tagger, progress=progress)
+
+    def tags(self, batch):
+        """The tag text of each line of a data.pipeline Batch of this file."""
+        out = []
+        for line_no, image_id, tags in zip(batch.line_numbers, batch.image_ids, batch.tags):
+            if tags is None:
+                if not image_id:
+                    raise DataError(self.path, int(line_no), "visual_concepts: a line without an "
+                                    "image id (column 2) needs its tags in column 4")
+                tags = self.by_image[image_id]
+            out.append(tags.replace(",", " "))  # the trainer's reading of column 4
+        return out
+
+    def tag_ids(self, batch, tokenizer):
+        """Padded token ids of each line's tags ([B, L] int64)."""
+        return tokenizer.batch_encode(self.tags(batch), padding="longest").astype("int64")
+
+
+def concept_classifier_path(cfg):
+    """tag_classifier, or the efficientnet-lite0-imagenet download (FileNotFoundError naming the
+    download command when it is not there)."""
+    from .pretrained import REGISTRY, cache_path, fetch_command
+
+    if cfg.tag_classifier:
+        return cfg.tag_classifier
+    path = cache_path(REGISTRY["efficientnet-lite0-imagenet"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"visual_concepts: embed tags images with the ImageNet Lite0 "
+                                f"classifier: set tag_classifier, or run "
+                                f"{fetch_command('efficientnet-lite0-imagenet')}")
+    return path
+
+
+def image_tags_for(cfg, path, tokenizer, progress=False):
+    """Batch -> tag ids of the lines of `path` for a config with visual_concepts: embed (the
+    classifier is only loaded when some line has no 4th column)."""
+    needs = any(r.tags is None for r in iter_records(path))
+    tagger = (concept_tagger(concept_classifier_path(cfg), cfg.tag_classes, cfg.tag_lang)
+              if needs else None)
+    concepts = ImageConcepts(path, tagger, progress)
+    return lambda batch: concepts.tag_ids(batch, tokenizer)

@@ -255,6 +255,12 @@ class EfficientNet(nn.Layer):
         self.blocks = nn.LayerList([
             MBConvBlock(s, lite, 1.0 - drop_connect_rate * i / len(specs))
             for i, s in enumerate(specs)])
+        # index of each stage's last block: hierarchical alignment pools the stage outputs
+        self.stage_ends, self.stage_widths, n = [], [], 0
+        for i, stage in enumerate(stages):
+            n += round_repeats(stage[4], params.depth_coefficient, skip=fix and i in (0, len(stages) - 1))
+            self.stage_ends.append(n - 1)
+            self.stage_widths.append(specs[n - 1].out_filters)
         self.num_features = round_filters(HEAD_FILTERS, width, skip=fix)
         self.conv_head = Conv2DSame(specs[-1].out_filters, self.num_features, 1)
         self.bn_head = _batch_norm(self.num_features)
@@ -283,6 +289,29 @@ class EfficientNet(nn.Layer):
             else:
                 x = block(x)
         return x
+
+    @property
+    def depth(self):
+        """How many levels `forward_levels` can return (the head, then each stage)."""
+        return 1 + len(self.stage_ends)
+
+    def level_widths(self, levels):
+        return [self.num_features] + self.stage_widths[::-1][:levels - 1]
+
+    def forward_levels(self, x, levels):
+        """[forward_features, then the globally pooled outputs of the last `levels` - 1 stages,
+        from the top down] (hierarchical alignment)."""
+        keep = set(self.stage_ends[len(self.stage_ends) - (levels - 1):]) if levels > 1 else set()
+        x = self.act(self.bn_stem(self.conv_stem(x)))
+        below = []
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x = paddle.distributed.fleet.utils.recompute(block, x)
+            else:
+                x = block(x)
+            if i in keep:
+                below.append(x.mean(axis=[2, 3]))
+        return [self.forward_head(x)] + below[::-1]
 
     def forward_head(self, x):
         """1x1 head convolution, BN, activation, global average pool -> [B, num_features]."""

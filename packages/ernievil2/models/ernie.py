@@ -149,7 +149,21 @@ class ErnieTextModel(nn.Layer):
         cfg.update(overrides)
         return cls(**cfg)
 
+    @property
+    def depth(self):
+        """How many levels `forward_levels` can return (one per block; the bare embeddings of a
+        tower without blocks are its one level)."""
+        return max(1, len(self.encoder_stack.block))
+
+    def level_widths(self, levels):
+        return [self.num_features] * levels
+
     def forward(self, input_ids):
+        return self.forward_levels(input_ids, 1)[0]
+
+    def forward_levels(self, input_ids, levels):
+        """[the output of forward, then the pooled ([CLS] or mean) hidden states after each of the
+        `levels` - 1 blocks below the last, from the top down] (hierarchical alignment)."""
         seq_len = input_ids.shape[1]
         # Under paddle.jit.to_static with a dynamic length, seq_len is a graph value, not an int:
         # the check can only run eagerly (an exported model gets the length from its caller).
@@ -163,12 +177,20 @@ class ErnieTextModel(nn.Layer):
         x = self.dropout(self.ln(x))
         keep = (input_ids != self.pad_token_id).astype(x.dtype)  # [B, L]
         attn_bias = ((1.0 - keep) * MASK_VALUE).unsqueeze([1, 2])  # [B, 1, 1, L] over keys
-        for blk in self.encoder_stack.block:
+        blocks = self.encoder_stack.block
+        below = []
+        for i, blk in enumerate(blocks):
             if self.grad_checkpointing and self.training:
                 x = paddle.distributed.fleet.utils.recompute(blk, x, attn_bias)
             else:
                 x = blk(x, attn_bias)
+            if len(blocks) - levels <= i < len(blocks) - 1:
+                below.append(self._pool(x, keep, final=False))
+        return [self._pool(x, keep, final=True)] + below[::-1]
+
+    def _pool(self, x, keep, final):
         if self.pooling == "mean":
             w = keep.unsqueeze(-1)
             return (x * w).sum(1) / paddle.clip(w.sum(1), min=1.0)
-        return paddle.tanh(self.pooler(x[:, 0]))
+        # the tanh pooler belongs to the last layer; lower levels take their raw [CLS]
+        return paddle.tanh(self.pooler(x[:, 0])) if final else x[:, 0]

@@ -104,14 +104,34 @@ class VisionTransformer(nn.Layer):
         self.norm_post = nn.LayerNorm(width, epsilon=LN_EPS)
         self.grad_checkpointing = False
 
-    def forward(self, images):
+    @property
+    def depth(self):
+        """How many levels `forward_levels` can return (one per block)."""
+        return len(self.blocks)
+
+    def level_widths(self, levels):
+        return [self.num_features] * levels
+
+    def forward(self, images, cls_add=None):
+        return self.forward_levels(images, 1, cls_add)[0]
+
+    def forward_levels(self, images, levels, cls_add=None):
+        """[the output of forward, then the class token after each of the `levels` - 1 blocks
+        below the last, from the top down] (hierarchical alignment). cls_add: [B, width] added
+        to the class token at the input (visual-concept embedding)."""
         x = self.patch_embed(images)
         cls = self.class_embedding.expand([x.shape[0], 1, x.shape[2]])
+        if cls_add is not None:
+            cls = cls + cls_add.unsqueeze(1)
         x = paddle.concat([cls, x], axis=1) + self.positional_embedding
         x = self.norm_pre(x)
-        for blk in self.blocks:
+        below = []
+        first_kept = len(self.blocks) - levels
+        for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x = paddle.distributed.fleet.utils.recompute(blk, x)
             else:
                 x = blk(x)
-        return self.norm_post(x[:, 0])
+            if first_kept <= i < len(self.blocks) - 1:
+                below.append(x[:, 0])
+        return [self.norm_post(x[:, 0])] + below[::-1]

@@ -12,6 +12,9 @@ the shares are all-gathered, so K views cost one pass over the data however many
 `image_feature_cache_dir` keeps the array on disk under a fingerprint of everything it depends on
 (training file, tower weights, K, seed, transforms), so runs that differ only in what they train
 (an ablation, another seed of the text tower with the same cache seed) compute it once.
+
+With `hierarchical_layers: K` > 1 the cached tower is `LevelTower`: each view's pooled features
+of the K levels, concatenated (ErnieViL2.project_image_levels splits them again).
 """
 import contextlib
 import hashlib
@@ -24,9 +27,11 @@ import warnings
 
 import numpy as np
 import paddle
+import paddle.nn as nn
 from tqdm import tqdm
 
 from ..distributed import all_gather_no_grad, all_gather_object, is_distributed
+from ..fileio import atomic_path
 from .data import ThreadFiles
 
 log = logging.getLogger("ernievil2.train")
@@ -38,11 +43,14 @@ def fingerprint(tower, index, views_per_image, train_transform, eval_transform, 
     """Hex digest of what the cached features depend on; any change gives another file."""
     st = os.stat(index.path)
     h = hashlib.sha256()
-    h.update(json.dumps({
+    meta = {
         "version": FORMAT_VERSION, "file": os.path.abspath(index.path), "size": st.st_size,
         "mtime_ns": st.st_mtime_ns, "views": int(views_per_image), "seed": int(seed),
         "train": _describe(train_transform), "eval": _describe(eval_transform),
-    }, sort_keys=True).encode())
+    }
+    if isinstance(tower, LevelTower):
+        meta["levels"] = tower.levels
+    h.update(json.dumps(meta, sort_keys=True).encode())
     for name, value in sorted(tower.state_dict().items()):
         h.update(name.encode())
         h.update(np.ascontiguousarray(value.numpy()).tobytes())
@@ -56,6 +64,18 @@ def _describe(transform):
 
 def view_generator(seed, image, view):
     return np.random.default_rng([seed, CACHE_STREAM, int(image), int(view)])
+
+
+class LevelTower(nn.Layer):
+    """The tower's pooled features of its top `levels` levels (forward_levels), concatenated
+    along the last axis: what the cache keeps per view for hierarchical alignment."""
+
+    def __init__(self, tower, levels):
+        super().__init__()
+        self.tower, self.levels = tower, int(levels)
+
+    def forward(self, images):
+        return paddle.concat(self.tower.forward_levels(images, self.levels), axis=-1)
 
 
 @contextlib.contextmanager
@@ -110,7 +130,7 @@ class ImageFeatureCache:
     def load_or_build(cls, cache_dir, tower, index, views_per_image, train_transform,
                       eval_transform, seed, rank=0, world_size=1, **build_kw):
         """`build`, or the file a previous run with the same fingerprint saved in `cache_dir`
-        (written by rank 0 to a temporary name, then renamed)."""
+        (written by rank 0 atomically)."""
         if not cache_dir:
             return cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
                              rank, world_size, **build_kw)
@@ -125,9 +145,8 @@ class ImageFeatureCache:
                           rank, world_size, **build_kw)
         if rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}.npy"
-            np.save(tmp, cache.features)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # keeps the .npy extension, so np.save adds none
+                np.save(tmp, cache.features)
             log.info("saved the frozen image features to %s", path)
         return cache
 

@@ -58,6 +58,11 @@ def _num_rows(x, view):
     return sizes.pop()
 
 
+def _named(view, out):
+    """An encoder's output as {feature name: tensor} (a bare tensor is the view's own)."""
+    return dict(out) if isinstance(out, dict) else {view: out}
+
+
 def get_rng_states():
     return paddle.get_rng_state(), np.random.get_state(), random.getstate()
 
@@ -73,8 +78,10 @@ def gradcache_step(encode_fns, loss_fn, batch, micro_batch_size, loss_kwargs=Non
                    replay_rng=True):
     """One GradCache step; returns {'loss': float, **float(info)} from loss_fn.
 
-    encode_fns: view name -> callable(micro-batch of batch[view]) -> [m, D] Tensor (in train mode).
-    loss_fn: callable(features: dict view -> [N, D] Tensor, **loss_kwargs) -> total loss Tensor or
+    encode_fns: view name -> callable(micro-batch of batch[view]) -> [m, D] Tensor (in train mode),
+        or a dict feature name -> [m, D] Tensor (several features from one encoder call, e.g. the
+        levels of hierarchical alignment; the loss sees them under those names).
+    loss_fn: callable(features: dict name -> [N, D] Tensor, **loss_kwargs) -> total loss Tensor or
         (total, info dict). E.g. lambda f: loss(f, model.logit_scales(pairs), ids=ids) with a
         MultiViewContrastiveLoss `loss`.
     batch: view name -> that view's encoder input for the whole (local) batch: a tensor / array, or
@@ -94,14 +101,18 @@ def gradcache_step(encode_fns, loss_fn, batch, micro_batch_size, loss_kwargs=Non
     chunks = _rows(next(iter(sizes.values())), micro_batch_size)
 
     # Pass 1: embeddings without a graph; remember the RNG state of each encoder call.
-    rng, cached = {}, {}
+    rng, cached, names = {}, {}, {}
     with paddle.no_grad():
         for view, encode in encode_fns.items():
             parts = []
             for start, stop in chunks:
                 rng[view, start] = get_rng_states()
-                parts.append(encode(_slice(batch[view], start, stop)).detach())
-            cached[view] = paddle.concat(parts, axis=0)
+                parts.append(_named(view, encode(_slice(batch[view], start, stop))))
+            names[view] = list(parts[0])
+            for name in names[view]:
+                if name in cached:
+                    raise ValueError(f"gradcache: two encoders return the feature {name!r}")
+                cached[name] = paddle.concat([p[name].detach() for p in parts], axis=0)
     after_pass1 = get_rng_states()
 
     # Pass 2: the full-batch loss on leaf embeddings -> their gradients (+ the temperatures').
@@ -116,14 +127,16 @@ def gradcache_step(encode_fns, loss_fn, batch, micro_batch_size, loss_kwargs=Non
 
     # Pass 3: replay each encoder call with gradient, chaining in the cached embedding gradient.
     for view, encode in encode_fns.items():
-        grad = leaves[view].grad
-        if grad is None:
-            raise RuntimeError(f"gradcache: the loss does not depend on view {view!r}")
+        grads = {name: leaves[name].grad for name in names[view]}
+        unused = [name for name, g in grads.items() if g is None]
+        if unused:
+            raise RuntimeError(f"gradcache: the loss does not depend on {', '.join(map(repr, unused))}")
         for start, stop in chunks:
             if replay_rng:
                 set_rng_states(rng[view, start])
-            emb = encode(_slice(batch[view], start, stop))
-            paddle.autograd.backward([emb], [grad[start:stop].detach()])
+            emb = _named(view, encode(_slice(batch[view], start, stop)))
+            paddle.autograd.backward([emb[n] for n in names[view]],
+                                     [grads[n][start:stop].detach() for n in names[view]])
     set_rng_states(after_pass1)
 
     result = {"loss": float(total)}

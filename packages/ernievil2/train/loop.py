@@ -22,15 +22,16 @@ from ..distributed import all_reduce_gradients, barrier, init_distributed
 from ..factory import check_vocab_fits, create_model, create_tokenizer, create_transforms
 from ..logging_utils import FILE_ONLY, setup_logging
 from ..losses import ContrastivePair, MultiViewContrastiveLoss
-from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, temperature_name
+from ..models.dual_encoder import OFFICIAL_TEMPERATURE_B, level_view, temperature_name
 from ..models.params import count_parameters
 from ..precision import autocast
+from ..tagging import image_tags_for
 from ..transforms import set_max_image_pixels
 from . import checkpointing as ckpt
 from .data import (EpochSampler, MixedSampler, MultiViewBatcher, TrainIndex, TrainSources,
                    label_prompts, sources_of)
 from .ema import ModelEMA
-from .feature_cache import ImageFeatureCache
+from .feature_cache import ImageFeatureCache, LevelTower
 from .gradcache import freeze_batchnorm_stats, gradcache_step
 from .optim import build_optimizer, freeze, lr_at
 from .prepare import embed_after_training, prepare
@@ -52,6 +53,7 @@ class Data:
     train_transform: Callable
     eval_transform: Callable
     zeroshot: Optional[ZeroShotTask] = None  # val_zeroshot_file's images, classes, templates
+    val_tags: Optional[Callable] = None  # visual concepts: val_file's tags (made at first use)
 
 
 @dataclass
@@ -78,7 +80,16 @@ class Run:
 
 # ------------------------------------------------------------------------------------- build
 def configured_pairs(cfg):
-    return [ContrastivePair(a, b, float(w)) for a, b, w in cfg.views]
+    """The configured view pairs, then the image-text pair of each level below the top
+    (hierarchical_layers)."""
+    pairs = [ContrastivePair(a, b, float(w)) for a, b, w in cfg.views]
+    levels = cfg.hierarchical_layers
+    if levels > 1:
+        top = next(float(w) for a, b, w in cfg.views if {a, b} == {"image", "text"})
+        weights = cfg.hierarchical_weights or [top] * (levels - 1)
+        pairs += [ContrastivePair(level_view("image", i), level_view("text", i), float(weights[i - 1]))
+                  for i in range(1, levels)]
+    return pairs
 
 
 def build_model(cfg):
@@ -87,6 +98,11 @@ def build_model(cfg):
     model (models/dual_encoder.py): image-text under its official name, the other configured
     pairs under `train_heads.`."""
     model = create_model(cfg, load_weights=False)  # seeded: the same weights on every process
+    if cfg.hierarchical_layers > 1:
+        try:
+            model.add_level_heads(cfg.hierarchical_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     pairs = configured_pairs(cfg)
     model.add_temperatures(pairs)
     from_checkpoint = set()
@@ -127,6 +143,8 @@ def init_temperatures(model, pairs, init_logit_scale, from_checkpoint):
 
 def build_data(cfg, model, rank, world):
     views = sorted({v for p in cfg.views for v in p[:2]})
+    # visual concepts read each image's tags (column 4), whether or not the tags view is trained
+    read = sorted(set(views) | ({"tags"} if model.uses_tags else set()))
     tokenizer = create_tokenizer(cfg)
     check_vocab_fits(tokenizer, model, cfg.vocab_file)
     train_tf, eval_tf = create_transforms(cfg)
@@ -134,7 +152,7 @@ def build_data(cfg, model, rank, world):
     prompts = label_prompts(cfg, sources)
     text_labels = "unicl_key: label" if cfg.targets == "unicl" and cfg.unicl_key == "label" else ""
     index = TrainSources(
-        [TrainIndex(s.path, need_tags="tags" in views and s.kind == "text",
+        [TrainIndex(s.path, need_tags="tags" in read and s.kind == "text",
                     need_labels="an image-label file" if s.kind == "label" else text_labels)
          for s in sources],
         [s.weight for s in sources], [s.kind for s in sources],
@@ -145,7 +163,7 @@ def build_data(cfg, model, rank, world):
     cap_batch_size(cfg, len(index), world)
     sampler = (EpochSampler(len(index), cfg.batch_size, cfg.seed) if len(sources) == 1 else
                MixedSampler(index.sizes, index.weights, cfg.batch_size, cfg.seed))
-    batcher = MultiViewBatcher(index, views, tokenizer, train_tf, eval_tf, cfg.seed, rank, world,
+    batcher = MultiViewBatcher(index, read, tokenizer, train_tf, eval_tf, cfg.seed, rank, world,
                                cfg.text_aug, cfg.text_mask_prob, cfg.augment, cfg.num_workers,
                                id_source=cfg.unicl_key, prompts=prompts)
     return Data(views, index, sampler, batcher, tokenizer, train_tf, eval_tf, zeroshot)
@@ -178,26 +196,62 @@ def build_scaler(amp, micro):
     return paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if amp == "fp16" and not micro else None
 
 
-def build_encoders(model, views, amp, cached_images):
-    """view -> callable(numpy batch) -> float32 features; with an image feature cache the image
-    views are the cached tower outputs and only the projection head runs."""
-    def wrap(encode):
+def build_encoders(model, views, amp, cached_images, levels=1):
+    """view -> callable(the view's input) -> float32 features; with an image feature cache the
+    image views are the cached tower outputs and only the projection heads run. The image input
+    is (pixels or features, tag ids) when the model embeds visual concepts. With levels > 1 the
+    image and text views return {feature name: features} for every level (image, image_h1, ...)."""
+    def wrap(encode, view, n):
         def run(x):
+            args = x if isinstance(x, tuple) else (x,)
             with autocast(amp):
-                out = encode(paddle.to_tensor(x))
-            return out.astype("float32")  # the loss runs in fp32
+                out = encode(*[paddle.to_tensor(a) for a in args], n)
+            out = [o.astype("float32") for o in out]  # the loss runs in fp32
+            return out[0] if n == 1 else {level_view(view, i): o for i, o in enumerate(out)}
         return run
-    encode_image = wrap(model.project_image if cached_images else model.encode_image)
-    encode_text = wrap(model.encode_text)
-    return {v: encode_image if v in IMAGE_VIEWS else encode_text for v in views}
+
+    def image_fn(x, *rest):
+        n = rest[-1]
+        tags = rest[0] if len(rest) == 2 else None
+        if cached_images:  # the cache holds every level (top first): keep the first n
+            return model.project_image_levels(x[..., :sum(widths[:n])], n, tags)
+        return model.encode_image_levels(x, n, tags)
+
+    widths = model.visual.level_widths(levels)
+    encoders = {}
+    for v in views:
+        n = levels if v in ("image", "text") else 1
+        encoders[v] = wrap(image_fn if v in IMAGE_VIEWS else model.encode_text_levels, v, n)
+    return encoders
+
+
+def step_inputs(run, batch):
+    """view -> encoder input: the batch's array, or (array, tag ids) for an image view of a model
+    that embeds visual concepts."""
+    tags = run.model.uses_tags
+    return {v: (batch[v], batch["tags"]) if tags and v in IMAGE_VIEWS else batch[v]
+            for v in run.views}
+
+
+def flat_features(outputs):
+    """{view: features or {feature name: features}} -> {feature name: features}."""
+    flat = {}
+    for view, out in outputs.items():
+        flat.update(out if isinstance(out, dict) else {view: out})
+    return flat
 
 
 def build_feature_cache(cfg, model, data, rank, world):
     """The frozen image tower's features on K fixed views of every training image (one cache
     per training file, stacked in the order of TrainSources' global image index)."""
     cache_seed = cfg.seed if cfg.image_feature_cache_seed is None else cfg.image_feature_cache_seed
+    if model.uses_tags and model.concepts_at_cls:
+        raise ConfigError("visual_concepts: embed with a ViT adds the concepts at the tower's input, "
+                          "so its features cannot be cached: set image_feature_cache: 0")
+    levels = cfg.hierarchical_layers
+    tower = model.visual if levels == 1 else LevelTower(model.visual, levels)
     caches = [ImageFeatureCache.load_or_build(
-        cfg.image_feature_cache_dir, model.visual, index, cfg.image_feature_cache,
+        cfg.image_feature_cache_dir, tower, index, cfg.image_feature_cache,
         data.train_transform, data.eval_transform, cache_seed, rank, world,
         batch_size=cfg.val_batch_size, pool=data.batcher.pool) for index in data.index.indexes]
     cache = caches[0] if len(caches) == 1 else ImageFeatureCache(
@@ -243,6 +297,12 @@ def check_config(cfg, world):
     if cfg.image_feature_cache and not cfg.freeze_image_tower:
         raise ConfigError("image_feature_cache needs freeze_image_tower: true (a trained tower's "
                           "features change every step, so they cannot be cached)")
+    levels, weights = cfg.hierarchical_layers, cfg.hierarchical_weights
+    if levels > 1 and not any({a, b} == {"image", "text"} for a, b, _ in cfg.views):
+        raise ConfigError("hierarchical_layers > 1 needs the [image, text] pair in views")
+    if weights is not None and len(weights) != levels - 1:
+        raise ConfigError(f"hierarchical_weights has {len(weights)} number(s); hierarchical_layers "
+                          f"{levels} needs {levels - 1} (one per level below the top)")
 
 
 # -------------------------------------------------------------------------------------- step
@@ -268,10 +328,11 @@ def train_one_step(run, batch):
     def loss_fn(features):
         return run.loss(features, model.logit_scales(run.loss.pairs, cfg.max_logit_scale), ids=ids)
 
+    inputs = step_inputs(run, batch)
     if run.micro:
-        info = gradcache_step(run.encoders, loss_fn, {v: batch[v] for v in run.views}, run.micro)
+        info = gradcache_step(run.encoders, loss_fn, inputs, run.micro)
     else:
-        total, parts = loss_fn({v: run.encoders[v](batch[v]) for v in run.views})
+        total, parts = loss_fn(flat_features({v: run.encoders[v](x) for v, x in inputs.items()}))
         (run.scaler.scale(total) if run.scaler else total).backward()
         info = {"loss": float(total), **{k: float(v) for k, v in parts.items()}}
     if run.world > 1:
@@ -319,10 +380,12 @@ def run_validation(run, data):
 
         def encode_texts(texts):
             return data.tokenizer.batch_encode(texts, padding="longest")
+        if run.cfg.val_file and run.model.uses_tags and data.val_tags is None:
+            data.val_tags = image_tags_for(run.cfg, run.cfg.val_file, data.tokenizer)
         with eval_weights(run):
             if run.cfg.val_file:
                 result = validate(run.model, run.cfg.val_file, data.eval_transform, encode_texts,
-                                  run.cfg.val_batch_size, run.cfg.num_workers)
+                                  run.cfg.val_batch_size, run.cfg.num_workers, data.val_tags)
                 official, multi = (both_figures(result, p) for p in ("official", "multi_caption"))
                 figures.append(f"mean recall {official} (official protocol), {multi} (multi-caption)")
             if data.zeroshot:
@@ -416,7 +479,7 @@ def train(cfg):
             cached = bool(cfg.image_feature_cache) and any(v in IMAGE_VIEWS for v in data.views)
             if cached:  # after any resume: the cache must hold the features of the tower trained
                 build_feature_cache(cfg, model, data, rank, world)
-            run.encoders = build_encoders(model, data.views, amp, cached)
+            run.encoders = build_encoders(model, data.views, amp, cached, cfg.hierarchical_layers)
             train_loop(run, data, signals)
             write_final(run)
     except Interrupted as e:

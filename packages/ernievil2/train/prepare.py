@@ -47,7 +47,8 @@ def prepare(cfg):
     os.makedirs(cfg.output_dir, exist_ok=True)
     out = Config(cfg)
     embed_source = sources[0].path  # embed_file: train means the user's file, not the tagged copy
-    if "tags" in views_of(cfg) and cfg.train_file and not has_tags(cfg.train_file):
+    needs_tags = "tags" in views_of(cfg) or cfg.visual_concepts == "embed"
+    if needs_tags and cfg.train_file and not has_tags(cfg.train_file):
         out["train_file"] = tagged_train_file(out)
     if cfg.embed_file == EMBED_TRAIN_FILE:
         out["embed_file"] = embed_source

@@ -30,11 +30,13 @@ from .gradcache import get_rng_states, set_rng_states
 log = logging.getLogger("ernievil2.train")
 # Keys of the final infer.yaml that name files: written absolute, so it works from any directory.
 PATH_KEYS = ("vocab_file", "text_model_config", "test_file", "output_file", "init_from_params",
-             "log_dir", "export_dir")
+             "log_dir", "export_dir", "tag_classifier", "tag_classes")
 # The keys a checkpoint's model and optimizer state depend on: a resume must have the same values.
 RESUME_KEYS = ("image_model", "image_size", "embed_dim", "text_model_config", "max_text_seqlen",
                "views", "targets", "unicl_key", "batch_size", "freeze_image_tower",
                "freeze_text_tower")
+# Model keys added later: in the signature only when set, so older checkpoints still resume.
+OPTIONAL_RESUME_KEYS = {"hierarchical_layers": 1, "visual_concepts": "none"}
 # A model this size trains for days on a CPU (ViT-B/16 + ERNIE base has 204M parameters).
 CPU_HINT_PARAMETERS = 50_000_000
 CPU_RECIPE = "packages/configs/flickr8k_cn_lite0.yaml"
@@ -85,6 +87,7 @@ def prepare_output_dir(cfg):
 def resume_signature(cfg):
     """The RESUME_KEYS of cfg, the text tower as its json's content (not where the file is)."""
     return {**{k: cfg[k] for k in RESUME_KEYS},
+            **{k: cfg[k] for k, default in OPTIONAL_RESUME_KEYS.items() if cfg[k] != default},
             "text_model_config": load_ernie_config(cfg.text_model_config)}
 
 
