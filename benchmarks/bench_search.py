@@ -1,0 +1,477 @@
+"""Benchmark vector search (faiss) and text-to-image query latency; figures, not tests.
+
+  python benchmarks/bench_search.py [--quick] [--sections ivf,hnsw,text,build] [--out DIR]
+         [--n 1000000] [--dim 768] [--clusters 2000] [--nlist 1024] [--nprobe 1,2,4,...]
+         [--hnsw-n 100000] [--hnsw-m 32] [--ef-construction 80] [--ef-search 16,32,...]
+         [--text-n 100000] [--text-configs demo_tiny,ernie_vil_base] [--text-queries 200]
+         [--build-tsv TSV] [--build-config demo_tiny]
+
+Sections (each in its own subprocess, so its peak RSS is its own; --sections picks them):
+  ivf    --n synthetic vectors (below): exact search (IndexFlatIP) gives the ground truth for
+         --queries queries and the exact latency; then IVF-Flat (--nlist lists, k-means trained on
+         --train-size vectors): build time (train + add), memory, and per --nprobe recall@10
+         against exact, single-query latency p50/p95 (--latency-queries queries, one at a time)
+         and batched latency (batches of --batch); the smallest nprobe with recall@10 >= 0.95.
+  hnsw   --hnsw-n vectors: exact as above, then IndexHNSWFlat (inner product, --hnsw-m links,
+         --ef-construction): build time, memory, and per --ef-search the same figures.
+  text   per --text-configs config (random weights: timing needs no trained model): the towers
+         exported and run in Paddle Inference predictors (export.predictor_towers, what
+         `execution: inference` runs), then for --text-queries captions one at a time:
+         tokenize + text tower + exact top-10 over --text-n stored synthetic vectors of the
+         model's width; p50/p95 of each step and of the whole query.
+  build  images/s of `ernievil2-index build` against `bash run_infer.sh` on the same TSV.
+
+Synthetic vectors: --clusters Gaussian clusters in --dim dimensions (unit-norm centres drawn
+once from --seed; cluster weights from a Dirichlet(2) draw; each cluster's noise-to-centre ratio
+uniform in --spread LO,HI); every vector is normalised. Vector i is a function of (seed, i // chunk)
+only, so any prefix of the base set is the same whatever --n, and the set is made chunk by chunk
+(never held whole beside the index). Queries are drawn from the same clusters with another seed:
+they are not in the base set. Exact search is faiss's IndexFlatIP (BLAS for batches).
+
+Latency: faiss uses --threads OpenMP threads (default: all cores); a single query to IVF or HNSW
+runs on one thread, exact search of one query on all. Memory: the index's bytes (its content:
+vectors, ids, centroids or links) and the process's resident memory gained while building it;
+peak RSS is the section process's peak. The machine's load average is recorded before and after
+each section: the figures are only as good as it is low.
+
+--quick: 20,000 vectors everywhere, 200 queries, a short sweep, the demo model only (< 1 min).
+Results go to DIR/bench_search.json and DIR/bench_search.md (also printed).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "packages"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_infer import _status_mb, fmt, machine_info, measure  # noqa: E402
+
+K = 10
+CHUNK = 50_000
+SECTIONS = ("ivf", "hnsw", "text", "build")
+QUICK = dict(n=20_000, hnsw_n=20_000, text_n=20_000, nlist=128, train_size=8_192, queries=200,
+             latency_queries=100, flat_latency_queries=30, nprobe="1,2,4,8,16,32",
+             ef_search="16,32,64,128", text_configs="demo_tiny", text_queries=50)
+
+
+# ---------------------------------------------------------------------------- synthetic vectors
+class Clustered:
+    """The clustered synthetic vectors described in the module docstring."""
+
+    def __init__(self, dim, clusters, spread, seed):
+        rng = np.random.default_rng([seed, 0])
+        centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        self.weights = rng.dirichlet(np.full(clusters, 2.0))
+        self.spread = rng.uniform(spread[0], spread[1], clusters).astype(np.float32)
+        self.dim, self.seed = dim, seed
+
+    def draw(self, n, stream):
+        rng = np.random.default_rng([self.seed, 1, *stream])
+        c = rng.choice(len(self.centres), size=n, p=self.weights)
+        noise = rng.standard_normal((n, self.dim), dtype=np.float32)
+        x = self.centres[c] + noise * (self.spread[c] / np.sqrt(self.dim))[:, None]
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def base(self, n):
+        """The first n base vectors, as (start, array) chunks."""
+        for start in range(0, n, CHUNK):
+            yield start, self.draw(min(CHUNK, n - start), (2, start // CHUNK))
+
+    def queries(self, n):
+        return self.draw(n, (3,))
+
+
+def make_data(args):
+    return Clustered(args.dim, args.clusters, args.spread, args.seed)
+
+
+def add_chunks(index, data, n):
+    for _, x in data.base(n):
+        index.add(x)
+
+
+# ---------------------------------------------------------------------------- measuring
+def rss_mb():
+    return _status_mb(os.getpid()).get("VmRSS", 0.0)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentiles_ms(times):
+    t = np.asarray(times) * 1000
+    return {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
+            "mean_ms": float(t.mean()), "n": len(t)}
+
+
+def latency(index, queries, single, batch):
+    """Single-query latency over the first `single` queries (one warm-up first), and batched
+    latency over all of them in batches of `batch`; returns figures and the batched results."""
+    index.search(queries[:1], K)
+    single_t = []
+    for i in range(min(single, len(queries))):
+        t = time.perf_counter()
+        index.search(queries[i:i + 1], K)
+        single_t.append(time.perf_counter() - t)
+    batch_t, ids = [], []
+    for i in range(0, len(queries), batch):
+        t = time.perf_counter()
+        ids.append(index.search(queries[i:i + batch], K)[1])
+        batch_t.append(time.perf_counter() - t)
+    out = {"single": percentiles_ms(single_t), "batch": percentiles_ms(batch_t),
+           "batch_size": batch, "batched_queries_per_s": len(queries) / sum(batch_t)}
+    return out, np.concatenate(ids)
+
+
+def recall_at_k(found, truth):
+    return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+
+
+def index_bytes(index):
+    """The bytes an index holds: its serialised size (exact content), or for an IVF-Flat the
+    vectors, ids and centroids counted directly (serialising 3 GB would need 3 GB more)."""
+    import faiss
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4
+    return int(faiss.serialize_index(index).size)
+
+
+def exact(data, n, queries, args):
+    """Exact search over n vectors: the ground truth of `queries` and its latency."""
+    import faiss
+    t0, rss0 = time.perf_counter(), rss_mb()
+    flat = faiss.IndexFlatIP(args.dim)
+    add_chunks(flat, data, n)
+    info = {"n": n, "add_s": time.perf_counter() - t0, "index_mb": index_bytes(flat) / 2 ** 20,
+            "rss_gain_mb": rss_mb() - rss0}
+    lat, truth = latency(flat, queries, args.flat_latency_queries, args.batch)
+    info.update(lat)
+    del flat
+    return info, truth
+
+
+def sweep(index, set_param, values, queries, truth, args):
+    rows = []
+    for v in values:
+        set_param(v)
+        lat, found = latency(index, queries, args.latency_queries, args.batch)
+        rows.append({"param": v, "recall_at_10": recall_at_k(found, truth), **lat})
+        print(f"    {v}: recall@10 {rows[-1]['recall_at_10']:.4f}, single p50 "
+              f"{lat['single']['p50_ms']:.2f} ms, batched {lat['batched_queries_per_s']:.0f} q/s",
+              flush=True)
+    first = next((r["param"] for r in rows if r["recall_at_10"] >= args.target_recall), None)
+    return rows, first
+
+
+# ---------------------------------------------------------------------------- section workers
+def work_ivf(args):
+    import faiss
+    data = make_data(args)
+    queries = data.queries(args.queries)
+    res = {"n": args.n, "nlist": args.nlist, "train_size": args.train_size}
+    print(f"  exact over {args.n} ...", flush=True)
+    res["exact"], truth = exact(data, args.n, queries, args)
+    rss0, t0 = rss_mb(), time.perf_counter()
+    quantizer = faiss.IndexFlatIP(args.dim)
+    index = faiss.IndexIVFFlat(quantizer, args.dim, args.nlist, faiss.METRIC_INNER_PRODUCT)
+    train = np.concatenate([x for _, x in data.base(min(args.train_size, args.n))])
+    t_train = time.perf_counter()
+    index.train(train)
+    res["train_s"] = time.perf_counter() - t_train
+    del train
+    t_add = time.perf_counter()
+    add_chunks(index, data, args.n)
+    res["add_s"] = time.perf_counter() - t_add
+    res["build_s"] = time.perf_counter() - t0  # drawing the training sample included
+    res["index_mb"], res["rss_gain_mb"] = index_bytes(index) / 2 ** 20, rss_mb() - rss0
+    print(f"  IVF{args.nlist},Flat built in {res['build_s']:.1f}s; sweeping nprobe", flush=True)
+    res["sweep"], res["first_at_target"] = sweep(
+        index, lambda v: setattr(index, "nprobe", v), args.nprobe, queries, truth, args)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def work_hnsw(args):
+    import faiss
+    n = args.hnsw_n
+    data = make_data(args)
+    queries = data.queries(args.queries)
+    res = {"n": n, "m": args.hnsw_m, "ef_construction": args.ef_construction}
+    print(f"  exact over {n} ...", flush=True)
+    res["exact"], truth = exact(data, n, queries, args)
+    rss0, t0 = rss_mb(), time.perf_counter()
+    index = faiss.IndexHNSWFlat(args.dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = args.ef_construction
+    add_chunks(index, data, n)
+    res["build_s"] = time.perf_counter() - t0
+    res["index_mb"], res["rss_gain_mb"] = index_bytes(index) / 2 ** 20, rss_mb() - rss0
+    print(f"  HNSW{args.hnsw_m},Flat built in {res['build_s']:.1f}s; sweeping efSearch", flush=True)
+    res["sweep"], res["first_at_target"] = sweep(
+        index, lambda v: setattr(index.hnsw, "efSearch", v), args.ef_search, queries, truth, args)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def query_texts(config_name, n):
+    """Captions to query with: the Flickr8k-CN Chinese captions for a model with the ERNIE vocab
+    (../shared), the demo's captions for the demo model."""
+    if config_name == "demo_tiny":
+        tsv = ROOT / "demo_out" / "test.tsv"
+        texts = [l.split("\t", 1)[0] for l in tsv.read_text(encoding="utf-8").splitlines() if l]
+    else:
+        tsv = ROOT.parent / "shared" / "data" / "flickr8k_cn" / "captions_val.tsv"
+        rows = [l.split("\t") for l in tsv.read_text(encoding="utf-8").splitlines()[1:]]
+        texts = [r[3] for r in rows if len(r) == 4 and r[2] == "zh"]
+    return texts[:n]
+
+
+def text_overrides(config_name, export_dir):
+    over = ["device=cpu", "init_from_params=", "execution=inference", f"export_dir={export_dir}"]
+    if config_name == "demo_tiny":
+        over.append(f"vocab_file={ROOT / 'demo_out' / 'vocab.txt'}")
+    else:
+        over.append(f"vocab_file={ROOT.parent / 'shared' / 'data' / 'vocab' / 'ernie-3.0-base-zh' / 'vocab.txt'}")
+    return over
+
+
+def work_text(args, config_name):
+    import faiss
+    from ernievil2.cli import load_infer_config
+    from ernievil2.device import select_device
+    from ernievil2.export import predictor_towers
+    from ernievil2.factory import create_tokenizer, text_encoder
+
+    res = {"config": config_name, "weights": "random (init_from_params empty)"}
+    with tempfile.TemporaryDirectory(prefix="bench_search_export_") as tmp:
+        cfg = load_infer_config(config_name, text_overrides(config_name, os.path.join(tmp, "export")),
+                                quiet=True)
+        select_device(cfg.device)
+        t = time.perf_counter()
+        towers = predictor_towers(cfg)
+        res["export_and_load_s"] = time.perf_counter() - t
+        encode = text_encoder(cfg, create_tokenizer(cfg))
+        dim = towers.embed_dim
+        data = Clustered(dim, args.clusters, args.spread, args.seed)
+        index = faiss.IndexFlatIP(dim)
+        add_chunks(index, data, args.text_n)
+        texts = query_texts(config_name, args.text_queries)
+        for q in texts[:3]:  # warm-up: predictor and oneDNN set-up
+            index.search(towers.encode_text(encode([q])), K)
+        steps = {"tokenize": [], "text_tower": [], "search": [], "total": []}
+        lengths = []
+        for q in texts:
+            t0 = time.perf_counter()
+            ids = encode([q])
+            t1 = time.perf_counter()
+            emb = towers.encode_text(ids)
+            t2 = time.perf_counter()
+            index.search(emb, K)
+            t3 = time.perf_counter()
+            for name, dt in (("tokenize", t1 - t0), ("text_tower", t2 - t1), ("search", t3 - t2),
+                             ("total", t3 - t0)):
+                steps[name].append(dt)
+            lengths.append(ids.shape[1])
+        res.update({name: percentiles_ms(v) for name, v in steps.items()})
+        res.update(embed_dim=dim, stored=args.text_n, queries=len(texts),
+                   tokens_median=float(np.median(lengths)), tokens_max=int(max(lengths)),
+                   peak_rss_mb=peak_rss_mb())
+    return res
+
+
+# ---------------------------------------------------------------------------- driver
+def run_section(args, name, extra=()):
+    """Run one section worker in a subprocess; its result, wall time, peak RSS and the load."""
+    cmd = [sys.executable, __file__, "--worker", name, *extra, *args.passthrough]
+    load0 = os.getloadavg()
+    with tempfile.NamedTemporaryFile(prefix=f"bench_search_{name}_", suffix=".log") as log:
+        r = measure(["nice", "-n", str(args.nice), *cmd], log_path=log.name)
+        text = Path(log.name).read_text(errors="replace")
+    for line in text.splitlines():
+        if not line.startswith("RESULT "):
+            print(line, flush=True)
+    res = next((json.loads(l[7:]) for l in text.splitlines() if l.startswith("RESULT ")), None)
+    if r["returncode"] or res is None:
+        raise RuntimeError(f"section {name} failed:\n{text[-3000:]}")
+    res.update(section_wall_s=r["wall_s"], section_peak_rss_mb=r["peak_rss_max_process_mb"],
+               other_load_cores=r["other_load_cores"], load_before=load0, load_after=os.getloadavg(),
+               command=" ".join(cmd))
+    return res
+
+
+def load_text(r):
+    return (f"load average {r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after; "
+            f"others' CPU meanwhile {fmt(r['other_load_cores'])} cores")
+
+
+def lat_cells(r):
+    return [fmt(r["single"]["p50_ms"]), fmt(r["single"]["p95_ms"]), fmt(r["batch"]["p50_ms"], 1),
+            fmt(r["batched_queries_per_s"], 0)]
+
+
+LAT_HEAD = ["single p50 ms", "single p95 ms", "batch p50 ms", "batched q/s"]
+
+
+def tables(res):
+    from tabulate import tabulate
+    m = res["machine"]
+    parts = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
+             f"faiss {res['faiss']}, {res['threads']} faiss thread(s), numpy {m['numpy']}, "
+             f"Paddle {m['paddle']}. Vectors: {res['args']['dim']}-d, {res['args']['clusters']} "
+             f"clusters, spread {res['args']['spread']}, seed {res['args']['seed']}; "
+             f"{res['args']['queries']} queries (not in the base set); top-{K}."]
+    for name, label, param in (("ivf", "IVF-Flat", "nprobe"), ("hnsw", "HNSW-Flat", "efSearch")):
+        r = res.get(name)
+        if not r:
+            continue
+        e = r["exact"]
+        head = (f"IVF{r['nlist']},Flat on {r['n']:,} vectors: k-means on {r['train_size']:,}, "
+                f"train {r['train_s']:.1f} s + add {r['add_s']:.1f} s = build {r['build_s']:.1f} s"
+                if name == "ivf" else
+                f"HNSW{r['m']},Flat (efConstruction {r['ef_construction']}) on {r['n']:,} vectors: "
+                f"build {r['build_s']:.1f} s")
+        rows = [[f"exact (flat)", "1.0000", *lat_cells(e)]] + [
+            [f"{param} {s['param']}", f"{s['recall_at_10']:.4f}", *lat_cells(s)] for s in r["sweep"]]
+        parts.append(
+            f"{label}. {head}; index {r['index_mb']:,.0f} MB (exact: {e['index_mb']:,.0f} MB, "
+            f"added in {e['add_s']:.1f} s), resident memory gained by the build "
+            f"{r['rss_gain_mb']:,.0f} MB, section peak RSS {r['section_peak_rss_mb']:,.0f} MB. "
+            f"Smallest {param} with recall@10 >= {res['args']['target_recall']}: "
+            f"{fmt(r['first_at_target'])}. Batches of {e['batch_size']}; {load_text(r)}.\n\n"
+            + tabulate(rows, headers=["search", "recall@10", *LAT_HEAD], tablefmt="github"))
+    if res.get("text"):
+        rows = [[r["config"], r["embed_dim"], f"{r['stored']:,}", r["queries"],
+                 f"{r['tokens_median']:.0f}/{r['tokens_max']}",
+                 *[f"{fmt(r[s]['p50_ms'])} / {fmt(r[s]['p95_ms'])}"
+                   for s in ("tokenize", "text_tower", "search", "total")],
+                 fmt(r["export_and_load_s"], 1), fmt(r["section_peak_rss_mb"], 0),
+                 f"{r['load_before'][0]:.2f}/{r['load_after'][0]:.2f}"]
+                for r in res["text"]]
+        parts.append(
+            "Text query to top-10, one query at a time (p50 / p95 ms): tokenizer, text tower in a "
+            "Paddle Inference predictor (exported towers, random weights), exact inner-product "
+            "search over synthetic stored vectors of the model's width:\n\n" + tabulate(
+                rows, headers=["config", "dim", "stored", "queries", "tokens med/max", "tokenize",
+                               "text tower", "search", "total", "export+load s", "peak MB",
+                               "load before/after"], tablefmt="github"))
+    if res.get("build"):
+        parts.append(build_table(res["build"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def build_table(b):
+    from tabulate import tabulate
+    rows = [[name, b["images"], fmt(r["wall_s"], 1), fmt(b["images"] / r["wall_s"], 1),
+             fmt(r.get("images_per_s_embedding"), 1), fmt(r["peak_rss_sum_mb"], 0),
+             fmt(r["other_load_cores"])] for name, r in b["runs"].items()]
+    return (f"Index build against run_infer.sh on {b['tsv']} ({b['images']} distinct images, "
+            f"config {b['config']}):\n\n" + tabulate(
+                rows, headers=["command", "images", "wall s", "images/s (wall)",
+                               "images/s (embedding)", "peak MB (sum)", "others' load"],
+                tablefmt="github"))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute")
+    p.add_argument("--sections", default="ivf,hnsw,text", help=f"of {','.join(SECTIONS)}")
+    p.add_argument("--out", default="bench_out", help="folder for bench_search.json/.md")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--clusters", type=int, default=2000)
+    p.add_argument("--spread", default="1.0,2.0", help="LO,HI noise-to-centre ratio per cluster")
+    p.add_argument("--queries", type=int, default=1000, help="queries for recall (and batched latency)")
+    p.add_argument("--latency-queries", type=int, default=300, help="of them, timed one at a time")
+    p.add_argument("--flat-latency-queries", type=int, default=50,
+                   help="single queries timed on exact search (slow at 1M)")
+    p.add_argument("--batch", type=int, default=100, help="batch size of the batched latency")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--threads", type=int, default=0, help="faiss threads (0: all cores)")
+    p.add_argument("--n", type=int, default=1_000_000, help="IVF: base vectors")
+    p.add_argument("--nlist", type=int, default=1024)
+    p.add_argument("--train-size", type=int, default=65_536, help="IVF: k-means sample")
+    p.add_argument("--nprobe", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--hnsw-n", type=int, default=100_000)
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-search", default="16,32,64,128,256")
+    p.add_argument("--text-n", type=int, default=100_000, help="text: stored vectors")
+    p.add_argument("--text-configs", default="demo_tiny,ernie_vil_base")
+    p.add_argument("--text-queries", type=int, default=200)
+    p.add_argument("--build-tsv", help="build: the TSV both commands embed")
+    p.add_argument("--build-config", default="demo_tiny")
+    p.add_argument("--nice", type=int, default=5, help="niceness of the section processes")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-arg", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    if args.quick:
+        for k, v in QUICK.items():
+            if k not in given:
+                setattr(args, k, v)
+    # the workers get the same settings (after --quick's defaults)
+    args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
+        "seed", "dim", "clusters", "spread", "queries", "latency_queries", "flat_latency_queries",
+        "batch", "target_recall", "threads", "n", "nlist", "train_size", "nprobe", "hnsw_n",
+        "hnsw_m", "ef_construction", "ef_search", "text_n", "text_queries")]
+    args.spread = tuple(float(x) for x in str(args.spread).split(","))
+    args.nprobe, args.ef_search = ints(str(args.nprobe)), ints(str(args.ef_search))
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; known: {','.join(SECTIONS)}")
+    if "build" in args.sections and not args.build_tsv:
+        p.error("section build needs --build-tsv")
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import faiss
+    threads = args.threads or os.cpu_count() or 1
+    faiss.omp_set_num_threads(threads)
+    if args.worker:
+        fn = {"ivf": work_ivf, "hnsw": work_hnsw}.get(args.worker)
+        res = fn(args) if fn else work_text(args, args.worker_arg)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    from ernievil2.fileio import write_text
+    res = {"args": {k: v for k, v in vars(args).items() if k != "passthrough"},
+           "machine": machine_info(), "faiss": faiss.__version__, "threads": threads,
+           "command": " ".join(["python", "benchmarks/bench_search.py", *argv])}
+    for name in args.sections:
+        print(f"{name} ...", flush=True)
+        if name == "text":
+            res["text"] = [run_section(args, "text", ["--worker-arg", c])
+                           for c in args.text_configs.split(",") if c]
+        elif name == "build":
+            from bench_search_build import bench_build
+            res["build"] = bench_build(args)
+        else:
+            res[name] = run_section(args, name)
+    report = tables(res)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "bench_search.json", json.dumps(res, indent=1, default=str) + "\n")
+    write_text(out / "bench_search.md", report)
+    print("\n" + report)
+    print(f"wrote {out / 'bench_search.json'} and {out / 'bench_search.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
