@@ -2,7 +2,8 @@
 
 A tower pair is two callables, numpy batch in, float32 [B, D] L2-normalised embeddings out:
 the model run eagerly or compiled (`model_towers`, here), or exported towers in Paddle Inference
-predictors (export.predictor_towers). `embed` feeds them a BatchLoader's batches.
+predictors (export.predictor_towers); `build_towers` picks one by the config's `execution`.
+`embed` feeds them a BatchLoader's batches, running the image tower once per distinct image.
 """
 from typing import Callable, NamedTuple
 
@@ -13,6 +14,8 @@ from tqdm import tqdm
 
 from .data.pipeline import BatchLoader
 from .data.tsv import SkipReport
+from .factory import (create_model_and_transforms, create_tokenizer, create_transforms,
+                      image_preprocess_spec, text_encoder)
 from .precision import autocast
 
 
@@ -61,14 +64,54 @@ def model_towers(model, amp="none", to_static=False, image_size=None, input_dtyp
     return towers
 
 
+def build_towers(cfg, device="cpu", amp="none"):
+    """(towers, eval image transform, text encoder) for the config's `execution`."""
+    if cfg.execution == "inference":
+        from .export import predictor_towers  # export imports this module
+        _, transform = create_transforms(cfg)
+        tokenizer = create_tokenizer(cfg)
+        towers = predictor_towers(cfg, device, amp)
+    else:
+        model, _, transform, tokenizer = create_model_and_transforms(cfg)
+        towers = model_towers(model, amp, to_static=cfg.execution == "to_static",
+                              image_size=image_preprocess_spec(cfg.image_model, cfg.image_size)[0],
+                              input_dtype=cfg.input_dtype)
+    return towers, transform, text_encoder(cfg, tokenizer)
+
+
+class DistinctImages:
+    """The image tower run once per distinct image (data.pipeline.image_key): multi-caption files (AIC-ICC,
+    Flickr: 5 captions a photo) repeat each image on consecutive lines. An embedding is the same
+    row for every line of its image; the cache holds one [D] row per distinct image seen, as
+    many as the output's rows at most."""
+
+    def __init__(self, encode_image: Callable[[np.ndarray], np.ndarray]):
+        self.encode_image = encode_image
+        self.seen = {}  # image key -> its embedding row
+        self.images_embedded = 0
+
+    def __call__(self, images: np.ndarray, keys: list) -> np.ndarray:
+        new = {}  # key -> index of its first row in this batch, for keys not seen before
+        for i, key in enumerate(keys):
+            if key not in self.seen and key not in new:
+                new[key] = i
+        if new:
+            rows = self.encode_image(images[list(new.values())])
+            self.seen.update(zip(new, rows))
+            self.images_embedded += len(new)
+        return np.stack([self.seen[key] for key in keys])
+
+
 def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> Embeddings:
-    """Both embeddings of every line the loader yields (its rank's share of the file)."""
+    """Both embeddings of every line the loader yields (its rank's share of the file); each
+    distinct image of the share goes through the image tower once."""
+    encode_image = DistinctImages(towers.encode_image)
     texts, images, lines, image_ids = [], [], [], []
     # closed on errors too, so an error line starts on a line of its own
     with tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
-            images.append(towers.encode_image(batch.images))
+            images.append(encode_image(batch.images, batch.image_keys))
             texts.append(towers.encode_text(batch.input_ids))
             lines.append(batch.line_numbers)
             image_ids.extend(batch.image_ids)

@@ -18,6 +18,7 @@ there, after every earlier batch was yielded, whatever the worker timing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,12 @@ import numpy as np
 from .tsv import DataError, Record, SkipReport, count_lines, iter_records, lines_for_rank, record_image_bytes
 
 
+def image_key(image_bytes: bytes) -> bytes:
+    """What makes two images the same image: their file bytes (never the id column, which the
+    official reader ignores)."""
+    return hashlib.blake2b(image_bytes, digest_size=16).digest()
+
+
 @dataclass
 class Batch:
     line_numbers: np.ndarray  # int64 [B], 1-based physical line numbers in the file
@@ -38,6 +45,7 @@ class Batch:
     input_ids: np.ndarray  # int64 [B, L]
     tags: list[str | None]
     labels: list[str | None]  # the optional 5th (UniCL label) column
+    image_keys: list[bytes]  # image_key of each line's image bytes: equal for equal images
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -174,10 +182,15 @@ class BatchLoader:
     def _prepare(self, records: list[Record], reader_error: DataError | None) -> _BatchResult:
         kept: list[Record] = []
         images: list[np.ndarray] = []
+        keys: list[bytes] = []
+        done: dict[bytes, np.ndarray] = {}  # an image repeated in the batch is prepared once
         skipped: list[DataError] = []
         for record in records:
             try:
-                image = self._prepare_image(record)
+                raw = record_image_bytes(self.path, record)  # DataError on corrupt base64
+                key = image_key(raw)
+                image = done[key] if key in done else self._prepare_image(record, raw)
+                done[key] = image
                 if images and image.shape != images[0].shape:
                     raise DataError(
                         self.path, record.line_no,
@@ -191,6 +204,7 @@ class BatchLoader:
                 continue
             kept.append(record)
             images.append(image)
+            keys.append(key)
         if reader_error is not None:
             raise reader_error
         if not kept:
@@ -209,11 +223,11 @@ class BatchLoader:
             input_ids=input_ids,
             tags=[r.tags for r in kept],
             labels=[r.label for r in kept],
+            image_keys=keys,
         )
         return _BatchResult(batch, skipped)
 
-    def _prepare_image(self, record: Record) -> np.ndarray:
-        raw = record_image_bytes(self.path, record)  # DataError on corrupt base64
+    def _prepare_image(self, record: Record, raw: bytes) -> np.ndarray:
         stage = "decode_image"
         try:
             image = self.decode_image(raw)

@@ -13,29 +13,12 @@ from ..data.pipeline import BatchLoader
 from ..data.tsv import DataError, count_lines
 from ..device import select_device
 from ..distributed import all_gather_object, barrier, init_distributed
-from ..embed import embed, model_towers
-from ..export import predictor_towers
-from ..factory import (create_model_and_transforms, create_tokenizer, create_transforms,
-                       image_preprocess_spec, text_encoder)
+from ..embed import build_towers, embed
 from ..logging_utils import FILE_ONLY, setup_logging
 from ..embeddings import write_embeddings
 from ..transforms import decode_image, set_max_image_pixels
 from .output import (OutputBusyError, OutputLock, merge_parts, new_run_id, remove_leftovers,
                      write_part)
-
-
-def build_towers(cfg, device="cpu", amp="none"):
-    """(towers, eval image transform, text encoder) for the config's `execution`."""
-    if cfg.execution == "inference":
-        _, transform = create_transforms(cfg)
-        tokenizer = create_tokenizer(cfg)
-        towers = predictor_towers(cfg, device, amp)
-    else:
-        model, _, transform, tokenizer = create_model_and_transforms(cfg)
-        towers = model_towers(model, amp, to_static=cfg.execution == "to_static",
-                              image_size=image_preprocess_spec(cfg.image_model, cfg.image_size)[0],
-                              input_dtype=cfg.input_dtype)
-    return towers, transform, text_encoder(cfg, tokenizer)
 
 
 def _claim_output(output_file, rank):
