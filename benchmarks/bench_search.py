@@ -4,7 +4,7 @@
          [--n 1000000] [--dim 768] [--clusters 2000] [--nlist 1024] [--nprobe 1,2,4,...]
          [--hnsw-n 100000] [--hnsw-m 32] [--ef-construction 80] [--ef-search 16,32,...]
          [--text-n 100000] [--text-configs demo_tiny,ernie_vil_base] [--text-queries 200]
-         [--build-tsv TSV] [--build-config demo_tiny]
+         [--build-tsv TSV] [--build-config demo_tiny] [--build-procs 1,2]
 
 Sections (each in its own subprocess, so its peak RSS is its own; --sections picks them):
   ivf    --n synthetic vectors (below): exact search (IndexFlatIP) gives the ground truth for
@@ -14,12 +14,15 @@ Sections (each in its own subprocess, so its peak RSS is its own; --sections pic
          and batched latency (batches of --batch); the smallest nprobe with recall@10 >= 0.95.
   hnsw   --hnsw-n vectors: exact as above, then IndexHNSWFlat (inner product, --hnsw-m links,
          --ef-construction): build time, memory, and per --ef-search the same figures.
-  text   per --text-configs config (random weights: timing needs no trained model): the towers
-         exported and run in Paddle Inference predictors (export.predictor_towers, what
-         `execution: inference` runs), then for --text-queries captions one at a time:
-         tokenize + text tower + exact top-10 over --text-n stored synthetic vectors of the
-         model's width; p50/p95 of each step and of the whole query.
-  build  images/s of `ernievil2-index build` against `bash run_infer.sh` on the same TSV.
+  text   per --text-configs config (random weights: timing needs no trained model): what
+         Searcher.text_to_image runs for one query, with `execution: inference` (the towers
+         exported, then run in Paddle Inference predictors): the tokenizer, the text tower and
+         exact top-10 search (search.vectors, flat) over --text-n stored synthetic vectors of the
+         model's width; --text-queries captions one at a time, p50/p95 of each step and the whole.
+  build  images/s of `ernievil2-index build CONFIG TSV OUT` against `bash run_infer.sh` (1 and 2
+         processes, --build-procs) on the same TSV (--build-tsv), both with execution inference
+         from one export made beforehand (its time counts for neither): distinct images over
+         wall time, and for run_infer.sh over its embedding phase as well.
 
 Synthetic vectors: --clusters Gaussian clusters in --dim dimensions (unit-norm centres drawn
 once from --seed; cluster weights from a Dirichlet(2) draw; each cluster's noise-to-centre ratio
@@ -28,12 +31,13 @@ only, so any prefix of the base set is the same whatever --n, and the set is mad
 (never held whole beside the index). Queries are drawn from the same clusters with another seed:
 they are not in the base set. Exact search is faiss's IndexFlatIP (BLAS for batches).
 
-Latency: faiss uses --threads OpenMP threads (default: all cores); a single query to IVF or HNSW
-runs on one thread, exact search of one query on all. Memory: the index's bytes (its content:
+Latency: faiss uses --threads OpenMP threads (default: all cores), which it spreads over the
+queries of a batch (a single query mostly runs on one). Memory: the index's bytes (its content:
 vectors, ids, centroids or links) and the process's resident memory gained while building it;
 peak RSS is the section process's peak. The machine's load average is recorded before and after
 each section: the figures are only as good as it is low.
 
+On a shared machine run it as `nice -n 5 python benchmarks/bench_search.py ...`.
 --quick: 20,000 vectors everywhere, 200 queries, a short sweep, the demo model only (< 1 min).
 Results go to DIR/bench_search.json and DIR/bench_search.md (also printed).
 """
@@ -247,37 +251,34 @@ def text_overrides(config_name, export_dir):
 
 
 def work_text(args, config_name):
-    import faiss
+    """Searcher.text_to_image's steps: Encoder.texts (tokenizer, text tower) and vectors.search."""
     from ernievil2.cli import load_infer_config
-    from ernievil2.device import select_device
-    from ernievil2.export import predictor_towers
-    from ernievil2.factory import create_tokenizer, text_encoder
+    from ernievil2.search import vectors
+    from ernievil2.search.encoder import Encoder
 
     res = {"config": config_name, "weights": "random (init_from_params empty)"}
     with tempfile.TemporaryDirectory(prefix="bench_search_export_") as tmp:
         cfg = load_infer_config(config_name, text_overrides(config_name, os.path.join(tmp, "export")),
                                 quiet=True)
-        select_device(cfg.device)
         t = time.perf_counter()
-        towers = predictor_towers(cfg)
+        encoder = Encoder.from_config(cfg)  # exports the towers, then loads the predictors
         res["export_and_load_s"] = time.perf_counter() - t
-        encode = text_encoder(cfg, create_tokenizer(cfg))
-        dim = towers.embed_dim
+        dim = encoder.embed_dim
         data = Clustered(dim, args.clusters, args.spread, args.seed)
-        index = faiss.IndexFlatIP(dim)
-        add_chunks(index, data, args.text_n)
+        stored = np.concatenate([x for _, x in data.base(args.text_n)])
+        index = vectors.build(stored, {"type": "flat"})
         texts = query_texts(config_name, args.text_queries)
         for q in texts[:3]:  # warm-up: predictor and oneDNN set-up
-            index.search(towers.encode_text(encode([q])), K)
+            vectors.search(index, encoder.texts([q]), K)
         steps = {"tokenize": [], "text_tower": [], "search": [], "total": []}
         lengths = []
         for q in texts:
             t0 = time.perf_counter()
-            ids = encode([q])
+            ids = np.asarray(encoder.encode_ids([q]))
             t1 = time.perf_counter()
-            emb = towers.encode_text(ids)
+            emb = encoder.towers.encode_text(ids)
             t2 = time.perf_counter()
-            index.search(emb, K)
+            vectors.search(index, emb, K)
             t3 = time.perf_counter()
             for name, dt in (("tokenize", t1 - t0), ("text_tower", t2 - t1), ("search", t3 - t2),
                              ("total", t3 - t0)):
@@ -290,13 +291,61 @@ def work_text(args, config_name):
     return res
 
 
+def distinct_images(tsv):
+    from ernievil2.data.pipeline import image_key
+    from ernievil2.data.tsv import iter_records, record_image_bytes
+    return len({image_key(record_image_bytes(tsv, r)) for r in iter_records(tsv)})
+
+
+def bench_build(args):
+    """`ernievil2-index build` and `bash run_infer.sh` (1 and 2 processes) on the same TSV, both
+    with execution inference from one export made beforehand (its time counts for neither)."""
+    from argparse import Namespace
+
+    from bench_infer import e2e_once
+    tsv, config = os.path.abspath(args.build_tsv), args.build_config
+    out = {"tsv": args.build_tsv, "config": config, "images": distinct_images(tsv),
+           "lines": sum(1 for l in open(tsv, encoding="utf-8") if l.strip()), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_search_build_") as tmp:
+        tmp = Path(tmp)
+        over = text_overrides(config, tmp / "export")
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "export_model.py"), config,
+                            *[o for o in over if not o.startswith(("execution=", "export_dir="))],
+                            "--out", str(tmp / "export")], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"export failed:\n{r.stderr[-3000:]}")
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "packages")}
+        cmd = [sys.executable, "-c",
+               "import sys; from ernievil2.search_cli import index_main; sys.exit(index_main())",
+               "build", config, tsv, str(tmp / "index"), *over]
+        load0 = os.getloadavg()
+        r = measure(cmd, env=env, log_path=tmp / "index.log")
+        if r["returncode"]:
+            raise RuntimeError("ernievil2-index build failed:\n"
+                               + (tmp / "index.log").read_text(errors="replace")[-3000:])
+        out["runs"]["ernievil2-index build"] = {
+            **r, "load_before": load0, "load_after": os.getloadavg(),
+            "command": "ernievil2-index " + " ".join(cmd[3:])}
+        ns = Namespace(config=config, overrides=over)
+        for procs in args.build_procs:
+            load0 = os.getloadavg()
+            r = e2e_once(ns, "inference", procs, tsv, tmp, "build")
+            r["images_per_s_embedding"] = out["images"] / r["embedding_s"]
+            out["runs"][f"run_infer.sh, {procs} process(es)"] = {
+                **r, "load_before": load0, "load_after": os.getloadavg()}
+        for name, r in out["runs"].items():
+            print(f"  {name}: {out['images'] / r['wall_s']:.1f} images/s over {r['wall_s']:.1f} s "
+                  f"(load average {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f})", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------- driver
 def run_section(args, name, extra=()):
     """Run one section worker in a subprocess; its result, wall time, peak RSS and the load."""
     cmd = [sys.executable, __file__, "--worker", name, *extra, *args.passthrough]
     load0 = os.getloadavg()
     with tempfile.NamedTemporaryFile(prefix=f"bench_search_{name}_", suffix=".log") as log:
-        r = measure(["nice", "-n", str(args.nice), *cmd], log_path=log.name)
+        r = measure(cmd, log_path=log.name)
         text = Path(log.name).read_text(errors="replace")
     for line in text.splitlines():
         if not line.startswith("RESULT "):
@@ -412,7 +461,7 @@ def parse_args(argv):
     p.add_argument("--text-queries", type=int, default=200)
     p.add_argument("--build-tsv", help="build: the TSV both commands embed")
     p.add_argument("--build-config", default="demo_tiny")
-    p.add_argument("--nice", type=int, default=5, help="niceness of the section processes")
+    p.add_argument("--build-procs", default="1,2", help="run_infer.sh process counts")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-arg", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -428,6 +477,7 @@ def parse_args(argv):
         "hnsw_m", "ef_construction", "ef_search", "text_n", "text_queries")]
     args.spread = tuple(float(x) for x in str(args.spread).split(","))
     args.nprobe, args.ef_search = ints(str(args.nprobe)), ints(str(args.ef_search))
+    args.build_procs = ints(args.build_procs)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -459,7 +509,6 @@ def main(argv=None):
             res["text"] = [run_section(args, "text", ["--worker-arg", c])
                            for c in args.text_configs.split(",") if c]
         elif name == "build":
-            from bench_search_build import bench_build
             res["build"] = bench_build(args)
         else:
             res[name] = run_section(args, name)
