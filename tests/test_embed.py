@@ -80,3 +80,39 @@ def test_model_towers_are_the_model_under_no_grad_compiled_or_not():
         assert towers.embed_dim == want_image.shape[1]
         np.testing.assert_allclose(towers.encode_image(pixels), want_image, atol=1e-5, rtol=0)
         np.testing.assert_allclose(towers.encode_text(ids), want_text, atol=1e-5, rtol=0)
+
+
+def counting(towers):
+    """The towers, with the image rows each call receives counted."""
+    calls = []
+
+    def image(x):
+        calls.append(len(x))
+        return towers.encode_image(x)
+    return Towers(image, towers.encode_text, towers.embed_dim), calls
+
+
+def test_each_distinct_image_goes_through_the_image_tower_once(tmp_path):
+    # 5 captions a photo (AIC-ICC, Flickr), over batch edges, one photo again much later, and a
+    # photo under two ids: images are told apart by their bytes, never by the id column
+    photos = {k: make_image(k) for k in range(4)}
+    order = [0] * 5 + [1] * 5 + [2] * 5 + [0, 3, 3]
+    ids = [f"p{k}" for k in order[:-1]] + ["other_id"]
+    lines = [tsv_line(f"caption {n}", image_id, photos[k])
+             for n, (k, image_id) in enumerate(zip(order, ids))]
+    path = tmp_path / "multi.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    towers, calls = counting(feature_towers())
+    emb = embed(towers, loader(path))
+    assert sum(calls) == 4  # the distinct photos
+    transform = make_eval_transform(32)
+    per_line = [transform(decode_image(photos[k])).mean() for k in order]
+    np.testing.assert_allclose(emb.image[:, 0], per_line, rtol=1e-6)  # every line its photo's row
+    assert emb.image_ids == ids and emb.line_numbers.tolist() == list(range(1, len(order) + 1))
+
+    # two processes: lines alternate between them, so each one embeds the photos it sees once
+    for rank in (0, 1):
+        towers, calls = counting(feature_towers())
+        shard = embed(towers, loader(path, rank=rank, world_size=2))
+        assert sum(calls) == len({order[i] for i in range(rank, len(order), 2)})
+        np.testing.assert_array_equal(shard.image, emb.image[rank::2])
