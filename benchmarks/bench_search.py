@@ -19,8 +19,8 @@ Sections (each in its own subprocess, so its peak RSS is its own; --sections pic
          exported, then run in Paddle Inference predictors): the tokenizer, the text tower and
          exact top-10 search (search.vectors, flat) over --text-n stored synthetic vectors of the
          model's width; --text-queries captions one at a time, p50/p95 of each step and the whole.
-  build  images/s of `ernievil2-index build CONFIG TSV OUT` against `bash run_infer.sh` (1 and 2
-         processes, --build-procs) on the same TSV (--build-tsv), both with execution inference
+  build  images/s of `ernievil2-index build CONFIG TSV OUT --nproc N` against `bash run_infer.sh`
+         with N processes (--build-procs) on the same TSV (--build-tsv), both with execution inference
          from one export made beforehand (its time counts for neither): distinct images over
          wall time, and for run_infer.sh over its embedding phase as well.
 
@@ -82,9 +82,11 @@ class Clustered:
     def draw(self, n, stream):
         rng = np.random.default_rng([self.seed, 1, *stream])
         c = rng.choice(len(self.centres), size=n, p=self.weights)
-        noise = rng.standard_normal((n, self.dim), dtype=np.float32)
-        x = self.centres[c] + noise * (self.spread[c] / np.sqrt(self.dim))[:, None]
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = rng.standard_normal((n, self.dim), dtype=np.float32)  # in place from here on
+        x *= (self.spread[c] / np.sqrt(self.dim))[:, None]
+        x += self.centres[c]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
 
     def base(self, n):
         """The first n base vectors, as (start, array) chunks."""
@@ -111,6 +113,21 @@ def rss_mb():
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak():
+    """Start the process's peak resident memory (VmHWM) afresh, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_mb(reset):
+    """The peak RSS since reset_peak() (None where it could not be reset)."""
+    return _status_mb(os.getpid()).get("VmHWM") if reset else None
 
 
 def percentiles_ms(times):
@@ -155,11 +172,11 @@ def index_bytes(index):
 def exact(data, n, queries, args):
     """Exact search over n vectors: the ground truth of `queries` and its latency."""
     import faiss
-    t0, rss0 = time.perf_counter(), rss_mb()
+    t0, rss0, reset = time.perf_counter(), rss_mb(), reset_peak()
     flat = faiss.IndexFlatIP(args.dim)
     add_chunks(flat, data, n)
     info = {"n": n, "add_s": time.perf_counter() - t0, "index_mb": index_bytes(flat) / 2 ** 20,
-            "rss_gain_mb": rss_mb() - rss0}
+            "rss_gain_mb": rss_mb() - rss0, "build_peak_rss_mb": stage_peak_mb(reset)}
     lat, truth = latency(flat, queries, args.flat_latency_queries, args.batch)
     info.update(lat)
     del flat
@@ -187,7 +204,7 @@ def work_ivf(args):
     res = {"n": args.n, "nlist": args.nlist, "train_size": args.train_size}
     print(f"  exact over {args.n} ...", flush=True)
     res["exact"], truth = exact(data, args.n, queries, args)
-    rss0, t0 = rss_mb(), time.perf_counter()
+    rss0, t0, reset = rss_mb(), time.perf_counter(), reset_peak()
     quantizer = faiss.IndexFlatIP(args.dim)
     index = faiss.IndexIVFFlat(quantizer, args.dim, args.nlist, faiss.METRIC_INNER_PRODUCT)
     train = np.concatenate([x for _, x in data.base(min(args.train_size, args.n))])
@@ -199,7 +216,8 @@ def work_ivf(args):
     add_chunks(index, data, args.n)
     res["add_s"] = time.perf_counter() - t_add
     res["build_s"] = time.perf_counter() - t0  # drawing the training sample included
-    res["index_mb"], res["rss_gain_mb"] = index_bytes(index) / 2 ** 20, rss_mb() - rss0
+    res.update(index_mb=index_bytes(index) / 2 ** 20, rss_gain_mb=rss_mb() - rss0,
+               build_peak_rss_mb=stage_peak_mb(reset))
     print(f"  IVF{args.nlist},Flat built in {res['build_s']:.1f}s; sweeping nprobe", flush=True)
     res["sweep"], res["first_at_target"] = sweep(
         index, lambda v: setattr(index, "nprobe", v), args.nprobe, queries, truth, args)
@@ -215,12 +233,13 @@ def work_hnsw(args):
     res = {"n": n, "m": args.hnsw_m, "ef_construction": args.ef_construction}
     print(f"  exact over {n} ...", flush=True)
     res["exact"], truth = exact(data, n, queries, args)
-    rss0, t0 = rss_mb(), time.perf_counter()
+    rss0, t0, reset = rss_mb(), time.perf_counter(), reset_peak()
     index = faiss.IndexHNSWFlat(args.dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = args.ef_construction
     add_chunks(index, data, n)
     res["build_s"] = time.perf_counter() - t0
-    res["index_mb"], res["rss_gain_mb"] = index_bytes(index) / 2 ** 20, rss_mb() - rss0
+    res.update(index_mb=index_bytes(index) / 2 ** 20, rss_gain_mb=rss_mb() - rss0,
+               build_peak_rss_mb=stage_peak_mb(reset))
     print(f"  HNSW{args.hnsw_m},Flat built in {res['build_s']:.1f}s; sweeping efSearch", flush=True)
     res["sweep"], res["first_at_target"] = sweep(
         index, lambda v: setattr(index.hnsw, "efSearch", v), args.ef_search, queries, truth, args)
@@ -298,8 +317,9 @@ def distinct_images(tsv):
 
 
 def bench_build(args):
-    """`ernievil2-index build` and `bash run_infer.sh` (1 and 2 processes) on the same TSV, both
-    with execution inference from one export made beforehand (its time counts for neither)."""
+    """`ernievil2-index build --nproc N` and `bash run_infer.sh` with N processes on the same
+    TSV, both with execution inference from one export made beforehand (its time counts for
+    neither)."""
     from argparse import Namespace
 
     from bench_infer import e2e_once
@@ -314,20 +334,21 @@ def bench_build(args):
                             "--out", str(tmp / "export")], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"export failed:\n{r.stderr[-3000:]}")
+        # the worktree's code, as run_infer.sh runs it (the console script may be another copy's)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "packages")}
-        cmd = [sys.executable, "-c",
-               "import sys; from ernievil2.search_cli import index_main; sys.exit(index_main())",
-               "build", config, tsv, str(tmp / "index"), *over]
-        load0 = os.getloadavg()
-        r = measure(cmd, env=env, log_path=tmp / "index.log")
-        if r["returncode"]:
-            raise RuntimeError("ernievil2-index build failed:\n"
-                               + (tmp / "index.log").read_text(errors="replace")[-3000:])
-        out["runs"]["ernievil2-index build"] = {
-            **r, "load_before": load0, "load_after": os.getloadavg(),
-            "command": "ernievil2-index " + " ".join(cmd[3:])}
         ns = Namespace(config=config, overrides=over)
         for procs in args.build_procs:
+            args_ = ["build", config, tsv, str(tmp / f"index_{procs}"), *over,
+                     f"log_dir={tmp / f'index_log_{procs}'}", "--nproc", str(procs)]
+            load0 = os.getloadavg()
+            r = measure([sys.executable, "-m", "ernievil2.search_cli", *args_], env=env,
+                        log_path=tmp / f"index_{procs}.log")
+            if r["returncode"]:
+                raise RuntimeError("ernievil2-index build failed:\n"
+                                   + (tmp / f"index_{procs}.log").read_text(errors="replace")[-3000:])
+            out["runs"][f"ernievil2-index build --nproc {procs}"] = {
+                **r, "load_before": load0, "load_after": os.getloadavg(),
+                "command": "ernievil2-index " + " ".join(args_)}
             load0 = os.getloadavg()
             r = e2e_once(ns, "inference", procs, tsv, tmp, "build")
             r["images_per_s_embedding"] = out["images"] / r["embedding_s"]
@@ -395,7 +416,9 @@ def tables(res):
         parts.append(
             f"{label}. {head}; index {r['index_mb']:,.0f} MB (exact: {e['index_mb']:,.0f} MB, "
             f"added in {e['add_s']:.1f} s), resident memory gained by the build "
-            f"{r['rss_gain_mb']:,.0f} MB, section peak RSS {r['section_peak_rss_mb']:,.0f} MB. "
+            f"{r['rss_gain_mb']:,.0f} MB, peak RSS during the build {fmt(r['build_peak_rss_mb'], 0)} "
+            f"MB (exact's: {fmt(e['build_peak_rss_mb'], 0)} MB), section peak RSS "
+            f"{r['section_peak_rss_mb']:,.0f} MB. "
             f"Smallest {param} with recall@10 >= {res['args']['target_recall']}: "
             f"{fmt(r['first_at_target'])}. Batches of {e['batch_size']}; {load_text(r)}.\n\n"
             + tabulate(rows, headers=["search", "recall@10", *LAT_HEAD], tablefmt="github"))
@@ -461,7 +484,7 @@ def parse_args(argv):
     p.add_argument("--text-queries", type=int, default=200)
     p.add_argument("--build-tsv", help="build: the TSV both commands embed")
     p.add_argument("--build-config", default="demo_tiny")
-    p.add_argument("--build-procs", default="1,2", help="run_infer.sh process counts")
+    p.add_argument("--build-procs", default="1,2", help="process counts of both commands")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-arg", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
