@@ -448,13 +448,16 @@ def tables(res):
 def build_table(b):
     from tabulate import tabulate
     rows = [[name, b["images"], fmt(r["wall_s"], 1), fmt(b["images"] / r["wall_s"], 1),
-             fmt(r.get("images_per_s_embedding"), 1), fmt(r["peak_rss_sum_mb"], 0),
-             fmt(r["other_load_cores"])] for name, r in b["runs"].items()]
-    return (f"Index build against run_infer.sh on {b['tsv']} ({b['images']} distinct images, "
-            f"config {b['config']}):\n\n" + tabulate(
-                rows, headers=["command", "images", "wall s", "images/s (wall)",
-                               "images/s (embedding)", "peak MB (sum)", "others' load"],
-                tablefmt="github"))
+             fmt(r["cpu_s"], 1), fmt(r.get("images_per_s_embedding"), 1),
+             fmt(r["peak_rss_sum_mb"], 0), fmt(r["other_load_cores"]),
+             f"{r['load_before'][0]:.2f}/{r['load_after'][0]:.2f}"] for name, r in b["runs"].items()]
+    return (f"Index build against run_infer.sh on {b['tsv']} ({b['lines']} lines, {b['images']} "
+            f"distinct images, config {b['config']}, random weights, execution inference); CPU s = "
+            "the process tree's CPU time; embedding phase = run_infer.sh's own log line (rank 0's):"
+            "\n\n" + tabulate(
+                rows, headers=["command", "images", "wall s", "images/s (wall)", "CPU s",
+                               "images/s (embedding phase)", "peak MB (sum)", "others' load",
+                               "load before/after"], tablefmt="github"))
 
 
 def parse_args(argv):
