@@ -262,12 +262,15 @@ def query_texts(config_name, n):
 
 
 def text_overrides(config_name, export_dir):
-    over = ["device=cpu", "init_from_params=", "execution=inference", f"export_dir={export_dir}"]
-    if config_name == "demo_tiny":
-        over.append(f"vocab_file={ROOT / 'demo_out' / 'vocab.txt'}")
-    else:
-        over.append(f"vocab_file={ROOT.parent / 'shared' / 'data' / 'vocab' / 'ernie-3.0-base-zh' / 'vocab.txt'}")
-    return over
+    """Random weights (init_from_params empty), execution inference from `export_dir`, and the
+    vocab: the demo data's for the demo model, the ERNIE 3.0 one from ../shared otherwise."""
+    vocab = (ROOT / "demo_out" / "vocab.txt" if config_name == "demo_tiny" else
+             ROOT.parent / "shared" / "data" / "vocab" / "ernie-3.0-base-zh" / "vocab.txt")
+    if not vocab.is_file():
+        raise SystemExit(f"{vocab}: not found (demo_tiny: python tools/make_demo_data.py --out "
+                         "demo_out; other models: the ERNIE vocab in ../shared)")
+    return ["device=cpu", "init_from_params=", "execution=inference", f"export_dir={export_dir}",
+            f"vocab_file={vocab}"]
 
 
 def work_text(args, config_name):
@@ -528,15 +531,18 @@ def main(argv=None):
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
+    from ernievil2.cli import load_infer_config
     from ernievil2.fileio import write_text
     res = {"args": {k: v for k, v in vars(args).items() if k != "passthrough"},
            "machine": machine_info(), "faiss": faiss.__version__, "threads": threads,
            "command": " ".join(["python", "benchmarks/bench_search.py", *argv])}
+    configs = [c for c in args.text_configs.split(",") if c] if "text" in args.sections else []
+    for c in configs + ([args.build_config] if "build" in args.sections else []):
+        load_infer_config(c, text_overrides(c, "unused"), quiet=True)  # fails before any section
     for name in args.sections:
         print(f"{name} ...", flush=True)
         if name == "text":
-            res["text"] = [run_section(args, "text", ["--worker-arg", c])
-                           for c in args.text_configs.split(",") if c]
+            res["text"] = [run_section(args, "text", ["--worker-arg", c]) for c in configs]
         elif name == "build":
             res["build"] = bench_build(args)
         else:
@@ -552,4 +558,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ernievil2.cli import run_main
+    raise SystemExit(run_main(main))
