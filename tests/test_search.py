@@ -305,9 +305,17 @@ def test_a_source_with_no_images_is_an_error(tmp_path, cfg):
 
 
 def test_faiss_keeps_its_loading_lines_off_the_console():
-    import logging
-    vectors.faiss_module()
-    assert not logging.getLogger("faiss.loader").isEnabledFor(logging.INFO)
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    setup = "import logging; logging.basicConfig(level=logging.INFO); "
+    runs = {how: subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "packages")}, timeout=120)
+            for how, code in (("plain", "import faiss"),
+                              ("ours", "from ernievil2.search.vectors import faiss_module; faiss_module()"))}
+    assert "Loading faiss" in runs["plain"].stderr  # what a root logger at INFO shows otherwise
+    assert runs["ours"].returncode == 0 and "faiss" not in runs["ours"].stderr.lower()
 
 
 # --------------------------------------------------------------------- the model and the CLI
