@@ -36,7 +36,8 @@ RESUME_KEYS = ("image_model", "image_size", "embed_dim", "text_model_config", "m
                "views", "targets", "unicl_key", "batch_size", "freeze_image_tower",
                "freeze_text_tower")
 # Model keys added later: in the signature only when set, so older checkpoints still resume.
-OPTIONAL_RESUME_KEYS = {"hierarchical_layers": 1, "visual_concepts": "none"}
+OPTIONAL_RESUME_KEYS = {"hierarchical_layers": 1, "visual_concepts": "none", "train_files": [],
+                        "label_classes": ""}
 # A model this size trains for days on a CPU (ViT-B/16 + ERNIE base has 204M parameters).
 CPU_HINT_PARAMETERS = 50_000_000
 CPU_RECIPE = "packages/configs/flickr8k_cn_lite0.yaml"
