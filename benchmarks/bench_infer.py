@@ -215,7 +215,7 @@ def tower_worker(mode, config, tsv, overrides, batches):
     from ernievil2.cli import load_infer_config as load_config
     from ernievil2.data.pipeline import BatchLoader
     from ernievil2.device import select_device
-    from ernievil2.engine.infer import build_towers
+    from ernievil2.embed import build_towers
     from ernievil2.export import config_fingerprint, cache_root, is_complete
     from ernievil2.transforms import decode_image
 

@@ -3,6 +3,7 @@ tower's word table, join the image side (ViT: at [CLS]; EfficientNet: a zero-ini
 the pooled feature). The tags come from the image (the TSV's 4th column, or the Lite0 classifier
 on the image), never from the caption."""
 import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -11,8 +12,7 @@ import yaml
 
 from conftest import ROOT
 from ernievil2.data.pipeline import BatchLoader
-from ernievil2.embed import embed
-from ernievil2.engine.infer import build_towers
+from ernievil2.embed import build_towers, embed
 from ernievil2.factory import as_config, build_dual_encoder
 from ernievil2.tagging import concept_tagger, extract_tags
 from ernievil2.transforms import decode_image
@@ -95,7 +95,7 @@ def _images(tmp_path, name, captions, tags=None):
 
 def _embed(infer_yaml, test_file, **over):
     cfg = as_config(str(infer_yaml), test_file=test_file, num_workers=0, **over)
-    towers, transform, encode_texts = build_towers(cfg)
+    towers, transform, encode_texts = build_towers(cfg, tagged_file=test_file)
     loader = BatchLoader(test_file, 3, image_transform=transform, text_encoder=encode_texts,
                          decode_image=decode_image)
     return embed(towers, loader).image
@@ -162,3 +162,23 @@ def test_export_says_in_one_line_that_it_has_no_tag_input(tmp_path):
     with pytest.raises(ConfigError, match="the export format has no input for"):
         export_from_config(cfg, str(tmp_path / "export"))
     assert not (tmp_path / "export").exists()
+
+
+def test_commands_without_a_tagged_tsv_refuse_a_concepts_model_in_one_line(tmp_path):
+    """ernievil2-index / -serve and eval_zeroshot embed images that carry no tags: they stop with
+    a ConfigError (one line on the console) instead of a traceback from the image tower."""
+    from ernievil2.config import ConfigError
+    from ernievil2.search.encoder import Encoder
+
+    cfg = as_config(tiny_config(tmp_path, visual_concepts="embed"))
+    with pytest.raises(ConfigError, match="visual_concepts: embed models need each image's tags"):
+        Encoder.from_config(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dict(cfg), allow_unicode=True), encoding="utf-8")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "eval_zeroshot.py"), str(path), "--classes",
+                        str(tmp_path / "classes.txt"), "--images", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "visual_concepts: embed models need each image's tags" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -77,9 +77,13 @@ def model_towers(model, amp="none", to_static=False, image_size=None, input_dtyp
     return towers
 
 
-def build_towers(cfg, device="cpu", amp="none"):
+def build_towers(cfg, device="cpu", amp="none", tagged_file=None):
     """(towers, eval image transform, text encoder) for the config's `execution`. With
-    visual_concepts: embed the image tower also takes each line's tags (tagging.image_tags_for)."""
+    visual_concepts: embed the image tower also takes each line's tags (tagging.image_tags_for
+    on `tagged_file`, the TSV being embedded); a caller with no such file cannot run it."""
+    if cfg.visual_concepts == "embed" and tagged_file is None:
+        raise ConfigError("visual_concepts: embed models need each image's tags, which only "
+                          "run_infer.sh (a TSV) gives so far; this command cannot use them")
     if cfg.visual_concepts == "embed" and cfg.execution == "inference":
         raise ConfigError("visual_concepts: embed runs with execution: eager or to_static; the "
                           "exported towers (execution: inference, ernievil2-export) take no tags")
@@ -90,7 +94,7 @@ def build_towers(cfg, device="cpu", amp="none"):
         towers = predictor_towers(cfg, device, amp)
     else:
         model, _, transform, tokenizer = create_model_and_transforms(cfg)
-        image_tags = (image_tags_for(cfg, cfg.test_file, tokenizer)
+        image_tags = (image_tags_for(cfg, tagged_file, tokenizer)
                       if cfg.visual_concepts == "embed" else None)
         towers = model_towers(model, amp, to_static=cfg.execution == "to_static",
                               image_size=image_preprocess_spec(cfg.image_model, cfg.image_size)[0],

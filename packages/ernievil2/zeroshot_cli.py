@@ -76,7 +76,7 @@ def run(argv=None):
 
     from .device import select_device
     from .distributed import all_gather_object, init_distributed
-    from .engine.infer import build_towers
+    from .embed import build_towers
     from .logging_utils import setup_logging
     from .transforms import decode_image, set_max_image_pixels
     rank, world = init_distributed()

@@ -63,7 +63,7 @@ def run(cfg):
     lock = _claim_output(cfg.output_file, rank)
     try:
         t0 = time.time()
-        towers, transform, encode_texts = build_towers(cfg, place, amp)
+        towers, transform, encode_texts = build_towers(cfg, place, amp, tagged_file=cfg.test_file)
         loader = BatchLoader(cfg.test_file, cfg.infer_batch_size, image_transform=transform,
                              text_encoder=encode_texts, decode_image=decode_image, rank=rank,
                              world_size=world, num_workers=cfg.num_workers, prefetch=cfg.prefetch,

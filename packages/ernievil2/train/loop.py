@@ -297,6 +297,9 @@ def check_config(cfg, world):
     if cfg.image_feature_cache and not cfg.freeze_image_tower:
         raise ConfigError("image_feature_cache needs freeze_image_tower: true (a trained tower's "
                           "features change every step, so they cannot be cached)")
+    if cfg.visual_concepts == "embed" and cfg.val_zeroshot_file:
+        raise ConfigError("val_zeroshot_file with visual_concepts: embed: zero-shot validation "
+                          "does not give the image tower its tags yet")
     levels, weights = cfg.hierarchical_layers, cfg.hierarchical_weights
     if levels > 1 and not any({a, b} == {"image", "text"} for a, b, _ in cfg.views):
         raise ConfigError("hierarchical_layers > 1 needs the [image, text] pair in views")
