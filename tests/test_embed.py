@@ -116,3 +116,25 @@ def test_each_distinct_image_goes_through_the_image_tower_once(tmp_path):
         shard = embed(towers, loader(path, rank=rank, world_size=2))
         assert sum(calls) == len({order[i] for i in range(rank, len(order), 2)})
         np.testing.assert_array_equal(shard.image, emb.image[rank::2])
+
+    # two processes sharded by image (run_infer): each photo through the tower once in all
+    calls_by_rank, lines = [], []
+    for rank in (0, 1):
+        towers, calls = counting(feature_towers())
+        shard = embed(towers, loader(path, rank=rank, world_size=2, shard="image"))
+        calls_by_rank.append(sum(calls))
+        lines += shard.line_numbers.tolist()
+        np.testing.assert_array_equal(shard.image, emb.image[shard.line_numbers - 1])
+        np.testing.assert_array_equal(shard.text, emb.text[shard.line_numbers - 1])
+    assert sum(calls_by_rank) == 4 and min(calls_by_rank) > 0  # both ranks had photos
+    assert sorted(lines) == list(range(1, len(order) + 1))
+
+
+def test_the_progress_bar_counts_the_lines_of_the_file(tmp_path, capsys):
+    # a rank's share of an image-sharded file is not known up front: the bar goes over the file
+    lines = [tsv_line(f"caption {n}", f"p{k}", make_image(k)) for k in range(3) for n in range(5)]
+    path = tmp_path / "multi.tsv"
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    for rank in (0, 1):
+        embed(feature_towers(), loader(path, rank=rank, world_size=2, shard="image"), progress=True)
+        assert "15/15" in capsys.readouterr().err

@@ -99,6 +99,33 @@ def test_run_infer_sh_single_process_cli(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_on_a_multi_caption_file_with_bad_lines_equal_one(tmp_path):
+    # 5 captions a photo (sharded by image), a line that does not parse and one whose image is
+    # corrupt: the same output as one process, each bad line reported once
+    lines = [tsv_line(f"照片{k}的第{n}句", f"p{k}", make_image(k)) for k in range(4) for n in range(5)]
+    lines[6] = "a line without tabs"  # line 7
+    lines[12] = "corrupt image\tp2\tnot*base64"  # line 13
+    outputs, logs = [], []
+    for name, devices in (("one", "0"), ("two", "0,1")):
+        path, cfg = write_cfg(tmp_path / name, skip_bad_lines=True, infer_batch_size=4)
+        open(cfg["test_file"], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+        r = subprocess.run(["bash", str(ROOT / "run_infer.sh"), devices, path],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+                                "LAUNCH_LOG_DIR": str(tmp_path / name / "launch")})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        outputs.append(read_embeddings(cfg["output_file"]))
+        logs.append(open(tmp_path / name / "log" / "infer.log", encoding="utf-8").read())
+    a, b = outputs
+    assert a.line_numbers.tolist() == [n for n in range(1, 21) if n not in (7, 13)]
+    np.testing.assert_array_equal(a.line_numbers, b.line_numbers)
+    np.testing.assert_allclose(a.text, b.text, atol=1e-6)
+    np.testing.assert_allclose(a.image, b.image, atol=1e-6)
+    for log in logs:
+        assert "skipped 2 bad line(s): lines 7, 13;" in log
+
+
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     path1, cfg1 = write_cfg(tmp_path / "one")
     run(load_config(path1))

@@ -13,7 +13,7 @@ import pytest
 from conftest import need_shared
 
 from ernievil2.data.pipeline import Batch, BatchLoader, RecordProcessingError
-from ernievil2.data.tsv import DataError
+from ernievil2.data.tsv import DataError, image_rank
 
 SIZE = 8
 
@@ -108,11 +108,20 @@ def test_worker_threads_give_the_same_batches_in_order(tmp_path, world_size, ran
     assert flatten(inline, "line_numbers") == list(range(rank + 1, 24, world_size))
 
 
-def test_total_lines_for_rank(tmp_path):
-    path = write_tsv(tmp_path, [good_line(i) for i in range(1, 11)] + ["", ""])
-    totals = [make_loader(path, rank=r, world_size=3).total_lines_for_rank for r in range(3)]
-    assert totals == [4, 3, 3]
-    assert make_loader(path).total_lines_for_rank == 10
+def test_image_sharding_gives_each_rank_whole_images(tmp_path):
+    # 3 captions an image; each rank's batches hold exactly the lines of its images
+    lines = [f"caption {n}\tid{k}\t{img_b64(k)}" for k in range(5) for n in range(3)]
+    path = write_tsv(tmp_path, lines)
+    seen = []
+    for rank in range(2):
+        batches = list(make_loader(path, 4, rank=rank, world_size=2, shard="image", num_workers=1))
+        got = flatten(batches, "line_numbers")
+        want = [i + 1 for i in range(15) if image_rank(img_b64(i // 3), 2) == rank]
+        assert got == want
+        seen += got
+    assert sorted(seen) == list(range(1, 16))
+    with pytest.raises(ValueError, match="shard"):
+        make_loader(path, shard="photo")
 
 
 # ---------------------------------------------------------------------------------------------

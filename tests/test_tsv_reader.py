@@ -15,8 +15,8 @@ from ernievil2.data.tsv import (
     SkipReport,
     count_lines,
     decode_b64,
+    image_rank,
     iter_records,
-    lines_for_rank,
     read_column,
     record_image_bytes,
 )
@@ -113,7 +113,7 @@ def test_sharding_covers_every_line_once_and_is_deterministic(tmp_path, world_si
         got = line_nos(iter_records(path, rank, world_size))
         assert got == line_nos(iter_records(path, rank, world_size))  # same again
         assert all((i - 1) % world_size == rank for i in got)
-        assert len(got) == lines_for_rank(count_lines(path), rank, world_size)
+        assert len(got) == len(range(rank + 1, count_lines(path) + 1, world_size))
         seen += got
     assert sorted(seen) == list(range(1, n + 1))
 
@@ -130,6 +130,46 @@ def test_sharding_counts_bad_lines_and_each_is_reported_by_one_rank(tmp_path):
         reports.append(report.line_numbers)
     assert sorted(seen) == [1, 2, 3, 6, 7]  # numbering is not shifted by the bad lines
     assert reports == [[4], [5], []]  # line 4 -> rank 0, line 5 -> rank 1
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_image_sharding_keeps_every_line_of_an_image_on_one_rank(tmp_path, world_size):
+    # 5 captions a photo, one photo's base64 without its "=" padding, and lines that do not
+    # parse (their owner is round-robin, as with shard="line"), one of them with a good image
+    photos = {k: png_b64(k) for k in range(6)}
+    lines = [f"caption {n}\tp{k}\t{photos[k]}" for k in range(6) for n in range(5)]
+    lines[7] = lines[7].rstrip("=")  # line 8, photo 1
+    lines[11] = "only one column"  # line 12
+    lines[13] = ""  # line 14, a blank in the middle
+    lines[16] = f"\tp3\t{photos[3]}"  # line 17: empty text
+    path = write_tsv(tmp_path, lines)
+    shares, reports = [], []
+    for rank in range(world_size):
+        report = SkipReport()
+        records = list(iter_records(path, rank, world_size, skip_bad_lines=True, report=report,
+                                    shard="image"))
+        assert records == list(iter_records(path, rank, world_size, skip_bad_lines=True,
+                                            shard="image"))  # same again
+        assert {image_rank(r.image_b64, world_size) for r in records} <= {rank}
+        shares.append({r.image_id for r in records})
+        reports.append(report.line_numbers)
+        assert line_nos(records) == sorted(line_nos(records))  # file order
+    assert sorted(n for r in reports for n in r) == [12, 14, 17]  # each bad line once
+    assert all(n in reports[(n - 1) % world_size] for n in (12, 14, 17))
+    assert sum(len(s) for s in shares) == 6 == len(set().union(*shares))  # each photo on one rank
+    assert len({image_rank(p, world_size) for p in photos.values()}) > 1  # the ranks share work
+    everything = line_nos(iter_records(path, skip_bad_lines=True))
+    found = sorted(n for rank in range(world_size)
+                   for n in line_nos(iter_records(path, rank, world_size, skip_bad_lines=True,
+                                                  shard="image")))
+    assert found == everything == [n for n in range(1, 31) if n not in (12, 14, 17)]
+
+
+def test_image_sharding_with_one_process_reads_every_line(tmp_path):
+    path = write_tsv(tmp_path, [good_line(i) for i in range(1, 6)])
+    assert line_nos(iter_records(path, shard="image")) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="shard"):
+        list(iter_records(path, shard="images"))
 
 
 def test_bad_rank_arguments(tmp_path):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .data.pipeline import BatchLoader
 from .config import ConfigError
-from .data.tsv import SkipReport
+from .data.tsv import SkipReport, count_lines
 from .factory import (create_model_and_transforms, create_tokenizer, create_transforms,
                       image_preprocess_spec, text_encoder)
 from .precision import autocast
@@ -129,11 +129,14 @@ class DistinctImages:
 
 def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> Embeddings:
     """Both embeddings of every line the loader yields (its rank's share of the file); each
-    distinct image of the share goes through the image tower once."""
+    distinct image of the share goes through the image tower once.
+
+    The progress bar counts lines of the whole file, up to the last line embedded: a rank's
+    share of an image-sharded file is only known once it has been read."""
     encode_image = DistinctImages(towers.encode_image)
     texts, images, lines, image_ids = [], [], [], []
     # closed on errors too, so an error line starts on a line of its own
-    with tqdm(total=loader.total_lines_for_rank if progress else None, unit="lines", desc=desc,
+    with tqdm(total=count_lines(loader.path) if progress else None, unit="lines", desc=desc,
               disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             tags = () if towers.image_tags is None else (towers.image_tags(batch),)
@@ -144,8 +147,9 @@ def embed(towers: Towers, loader: BatchLoader, progress=False, desc="embed") -> 
             texts.append(towers.encode_text(batch.input_ids))
             lines.append(batch.line_numbers)
             image_ids.extend(batch.image_ids)
-            bar.update(len(batch))
-        bar.update(loader.skip_report.count)  # skipped lines were read too
+            bar.update(int(batch.line_numbers[-1]) - bar.n)
+        if progress:
+            bar.update(bar.total - bar.n)  # the lines after this rank's last one were read too
 
     def rows(parts):
         return np.concatenate(parts) if parts else np.zeros((0, towers.embed_dim), np.float32)

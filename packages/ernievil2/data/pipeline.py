@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .tsv import DataError, Record, SkipReport, count_lines, iter_records, lines_for_rank, record_image_bytes
+from .tsv import SHARDS, DataError, Record, SkipReport, iter_records, record_image_bytes
 
 
 def image_key(image_bytes: bytes) -> bytes:
@@ -79,7 +79,8 @@ class _InlineExecutor:
 
 
 class BatchLoader:
-    """Iterable of ``Batch`` for this rank's lines of a TSV file.
+    """Iterable of ``Batch`` for this rank's lines of a TSV file (``shard``: "line" or "image",
+    see ``tsv.iter_records``).
 
     ``decode_image(bytes) -> HWC uint8 RGB`` must raise ValueError on undecodable bytes;
     ``image_transform(HWC) -> CHW float32`` must give the same shape for every image;
@@ -101,6 +102,7 @@ class BatchLoader:
         num_workers: int = 0,
         prefetch: int = 4,
         skip_bad_lines: bool = False,
+        shard: str = "line",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -108,6 +110,8 @@ class BatchLoader:
             raise ValueError(f"need num_workers >= 0 and prefetch >= 0, got {num_workers}, {prefetch}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if shard not in SHARDS:
+            raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
         self.path = os.fspath(path)
         self.batch_size = batch_size
         self.image_transform = image_transform
@@ -118,15 +122,8 @@ class BatchLoader:
         self.num_workers = num_workers
         self.prefetch = prefetch
         self.skip_bad_lines = skip_bad_lines
+        self.shard = shard
         self.skip_report = SkipReport(self.path)
-        self._total_lines_for_rank: int | None = None
-
-    @property
-    def total_lines_for_rank(self) -> int:
-        """Lines assigned to this rank (bad ones included), for a progress bar's total."""
-        if self._total_lines_for_rank is None:
-            self._total_lines_for_rank = lines_for_rank(count_lines(self.path), self.rank, self.world_size)
-        return self._total_lines_for_rank
 
     # -- iteration ------------------------------------------------------------------------------
 
@@ -165,7 +162,8 @@ class BatchLoader:
         raised by the task after the records read before it, so errors come out in line order."""
         records: list[Record] = []
         reader = iter_records(
-            self.path, self.rank, self.world_size, skip_bad_lines=self.skip_bad_lines, report=report
+            self.path, self.rank, self.world_size, skip_bad_lines=self.skip_bad_lines, report=report,
+            shard=self.shard,
         )
         try:
             for record in reader:

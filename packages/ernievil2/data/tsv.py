@@ -23,9 +23,9 @@ so they match what an editor or ``sed -n Np`` shows.
 
 Every reader of line-based files follows the same rules (UTF-8 BOM dropped, ``\\n`` or ``\\r\\n``,
 blank lines at the end ignored, a blank line before more data is an error): ``iter_records``
-(records, sharded), ``index_lines`` / ``read_line_at`` (byte offsets: the trainer's index, the MUGE
-image index), ``read_column``, ``image_ids_from_tsv`` (the evaluator's lookup) and
-``read_id_list`` (the project's one id-list reader).
+(records, sharded by line or by image), ``index_lines`` / ``read_line_at`` (byte offsets: the
+trainer's index, the MUGE image index), ``read_column``, ``image_ids_from_tsv`` (the evaluator's
+lookup) and ``read_id_list`` (the project's one id-list reader).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import base64
 import binascii
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
@@ -241,6 +242,15 @@ def line_belongs_to_rank(line_no: int, rank: int, world_size: int) -> bool:
     return (line_no - 1) % world_size == rank
 
 
+def image_rank(image_b64: str, world_size: int) -> int:
+    """The rank that owns every line of an image with ``shard="image"``: a stable hash of its
+    base64 field (padding aside, which decoding tolerates), so equal images meet on one rank."""
+    return zlib.crc32(image_b64.rstrip("=").encode()) % world_size
+
+
+SHARDS = ("line", "image")
+
+
 def iter_records(
     path: str | os.PathLike,
     rank: int = 0,
@@ -249,17 +259,26 @@ def iter_records(
     report: SkipReport | None = None,
     min_columns: int = 3,
     max_columns: int = 5,
+    shard: str = "line",
 ) -> Iterator[Record]:
     """Stream this rank's records from a TSV file, in file order.
 
-    Only lines owned by this rank are decoded and checked, so each bad line is reported by
-    exactly one rank. Empty (or whitespace-only) lines at the end of the file are ignored; an
-    empty line followed by more data is a bad line. With ``skip_bad_lines`` a bad line is
+    ``shard="line"``: line i belongs to rank (i-1) % world_size, and only this rank's lines are
+    decoded and checked. ``shard="image"``: a line that parses belongs to ``image_rank`` of its
+    image column, so all lines of one image (5 captions a photo) land on one rank; a line that
+    does not parse keeps its round-robin owner. Every rank then parses every line (cheap next
+    to decoding the image). Either way each bad line is reported by exactly one rank.
+
+    Empty (or whitespace-only) lines at the end of the file are ignored; an empty line followed
+    by more data is a bad line. With ``skip_bad_lines`` a bad line is
     recorded in ``report`` (if given) and skipped; otherwise DataError is raised.
     The image's base64 is NOT decoded here (see ``record_image_bytes``) so that the costly
     decoding can run in parallel workers.
     """
     _check_sharding(rank, world_size)
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+    by_image = shard == "image" and world_size > 1
     if not 2 <= min_columns <= max_columns <= 5:
         raise ValueError(f"need 2 <= min_columns <= max_columns <= 5, got {min_columns}, {max_columns}")
     if report is not None and not report.path:
@@ -281,14 +300,17 @@ def iter_records(
                 if line_belongs_to_rank(blank_no, rank, world_size):
                     bad(DataError(path, blank_no, "empty line in the middle of the file"))
             pending_blank.clear()
-            if not line_belongs_to_rank(line_no, rank, world_size):
+            mine = line_belongs_to_rank(line_no, rank, world_size)
+            if not (mine or by_image):
                 continue
             try:
                 record = _parse_line(path, line_no, raw, min_columns, max_columns)
             except DataError as e:
-                bad(e)
+                if mine:
+                    bad(e)
                 continue
-            yield record
+            if not by_image or image_rank(record.image_b64, world_size) == rank:
+                yield record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +346,6 @@ def count_lines(path: str | os.PathLike) -> int:
             newlines += chunk.count(b"\n")
             pos += len(chunk)
     return newlines + 1
-
-
-def lines_for_rank(n_lines: int, rank: int, world_size: int) -> int:
-    """How many of lines 1..n_lines round-robin sharding gives to ``rank``."""
-    _check_sharding(rank, world_size)
-    return 0 if n_lines <= rank else (n_lines - 1 - rank) // world_size + 1
 
 
 def index_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, bytes]]:

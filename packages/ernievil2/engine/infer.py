@@ -1,6 +1,7 @@
 """Embed a TSV with both towers: the engine behind run_infer.sh.
 
-Each process embeds its shard of lines (line i goes to rank (i-1) % world) with embed.embed;
+Each process embeds its shard of lines with embed.embed, sharded by image (every line of one image
+on one rank, so each distinct image goes through the image tower once in the whole run);
 rank 0 receives every shard over the process group (output.py) and merges them in line order into
 the official three-column output.
 One run at a time per output file (see output.py); every file appears under its final name
@@ -67,17 +68,17 @@ def run(cfg):
         loader = BatchLoader(cfg.test_file, cfg.infer_batch_size, image_transform=transform,
                              text_encoder=encode_texts, decode_image=decode_image, rank=rank,
                              world_size=world, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
-                             skip_bad_lines=cfg.skip_bad_lines)
+                             skip_bad_lines=cfg.skip_bad_lines, shard="image")
         t_ready = time.time()
         emb = embed(towers, loader, progress=rank == 0, desc=f"embed[rank {rank}]")
-        t_done = time.time()
         parts = gather_parts(emb, rank)
+        t_done = time.time()  # after the gather: every rank is done (shares are not equal)
         if rank == 0:
             text, image, lines, skipped = merge_parts(parts, cfg.output_file, cfg.test_file)
             write_embeddings(cfg.output_file, text, image, lines, sidecar=cfg.write_sidecar)
             if skipped:
                 _log_skipped(logger, skipped, log_path)
-            rate = len(emb.line_numbers) * world / max(t_done - t_ready, 1e-9)
+            rate = len(lines) / max(t_done - t_ready, 1e-9)
             logger.info("wrote %s: %d lines (%d skipped); start-up %.1fs, embedding %.1fs "
                         "(~%.2f lines/s over %d process(es))", cfg.output_file, len(lines),
                         skipped.count, t_ready - t0, t_done - t_ready, rate, world)
