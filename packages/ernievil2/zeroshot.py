@@ -154,8 +154,8 @@ def tsv_batches(loader, resolve: LabelResolver) -> Iterator[LabelledBatch]:
 
 def labelled_batches(images, resolve: LabelResolver, batch_size: int, transform: Callable,
                      decode: Callable, rank: int = 0, world: int = 1, **loader_kw) -> Iterator[LabelledBatch]:
-    """This process's share of `images` (a labelled TSV: line i goes to rank (i-1) % world, as
-    in run_infer.sh; or a folder of class sub-folders: every world-th image) in batches;
+    """This process's share of `images` (a labelled TSV: line i goes to rank (i-1) % world, one
+    line per image as a rule, so nothing to share; or a folder of class sub-folders: every world-th image) in batches;
     loader_kw: BatchLoader's (num_workers, prefetch)."""
     if os.path.isdir(images):
         items = folder_images(images, resolve)[rank::world]

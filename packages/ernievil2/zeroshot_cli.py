@@ -6,8 +6,7 @@ config + its checkpoint, any `execution`), on labelled images; see packages/erni
 
 Several processes: `bash run_zeroshot.sh DEVICES CONFIG [key=value ...] --classes ... --images ...`
 (DEVICES as in run_infer.sh: "0,1,2,3" is 4 processes; NNODES/MASTER/NODE_RANK for several
-machines); each classifies its share of the images (TSV line i goes to rank (i-1) % N, as in
-run_infer.sh) and rank 0 prints the result of all of them.
+machines); each classifies its share of the images (TSV line i goes to rank (i-1) % N) and rank 0 prints the result of all of them.
 """
 import argparse
 import json
