@@ -162,3 +162,23 @@ def test_training_on_two_nodes_gives_the_weights_of_two_processes_on_one(tmp_pat
         (node0 / "out" / "train.log").read_text(encoding="utf-8")
     _same_weights(_weights(node0 / "out" / "final" / "model.pdparams"), reference)
     _same_weights(_weights(node1 / "out" / "final" / "model.pdparams"), reference)
+
+
+def test_the_image_feature_cache_needs_no_shared_folder(tmp_path):
+    """image_feature_cache_dir on each machine's own disk: each machine keeps the file, and the
+    cache is loaded only when every machine has it (building is collective)."""
+    config, _ = train_config(tmp_path / "data", output_dir="out", log_dir="out", max_steps=2,
+                             save_every=2, freeze_image_tower=True, image_feature_cache=2,
+                             image_feature_cache_dir="cache")
+
+    def cache_files(node):
+        return list((node / "cache").glob("image_features_*.npy"))
+
+    (node0, node1), _ = two_nodes(tmp_path, "run_train.sh", config)
+    assert len(cache_files(node0)) == 1 and len(cache_files(node1)) == 1
+    cache_files(node1)[0].unlink()  # node 1 lost it: both build again, node 1 keeps it again
+    two_nodes(tmp_path, "run_train.sh", config, "output_dir=out2", "log_dir=out2")
+    assert len(cache_files(node1)) == 1
+    assert "frozen image features from" not in (node0 / "out2" / "train.log").read_text(encoding="utf-8")
+    two_nodes(tmp_path, "run_train.sh", config, "output_dir=out3", "log_dir=out3")
+    assert "frozen image features from" in (node0 / "out3" / "train.log").read_text(encoding="utf-8")

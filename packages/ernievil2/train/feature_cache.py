@@ -30,7 +30,7 @@ import paddle
 import paddle.nn as nn
 from tqdm import tqdm
 
-from ..distributed import all_gather_no_grad, all_gather_object, is_distributed
+from ..distributed import all_gather_no_grad, all_gather_object, folder_writer, is_distributed
 from ..fileio import atomic_path
 from .data import ThreadFiles
 
@@ -130,21 +130,22 @@ class ImageFeatureCache:
     def load_or_build(cls, cache_dir, tower, index, views_per_image, train_transform,
                       eval_transform, seed, rank=0, world_size=1, **build_kw):
         """`build`, or the file a previous run with the same fingerprint saved in `cache_dir`
-        (written by rank 0 atomically)."""
+        (written atomically by one process per folder: distributed.folder_writer)."""
         if not cache_dir:
             return cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
                              rank, world_size, **build_kw)
         key = fingerprint(tower, index, views_per_image, train_transform, eval_transform, seed)
         path = os.path.join(cache_dir, f"image_features_{key}.npy")
-        # rank 0 decides for everyone: building is collective, so all ranks must take one branch
-        if all_gather_object(os.path.isfile(path))[0]:
+        # building is collective, so all ranks take one branch: load only when every process
+        # has the file (the machines of a run need not share cache_dir)
+        if all(all_gather_object(os.path.isfile(path))):
             features = np.load(path)
             log.info("frozen image features from %s %s", path, features.shape)
             return cls(features)
         cache = cls.build(tower, index, views_per_image, train_transform, eval_transform, seed,
                           rank, world_size, **build_kw)
-        if rank == 0:
-            os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(cache_dir, exist_ok=True)
+        if folder_writer(cache_dir):
             with atomic_path(path) as tmp:  # keeps the .npy extension, so np.save adds none
                 np.save(tmp, cache.features)
             log.info("saved the frozen image features to %s", path)
