@@ -86,7 +86,7 @@ def build_towers(cfg, device="cpu", amp="none", tagged_file=None):
                           "run_infer.sh (a TSV) gives so far; this command cannot use them")
     if cfg.visual_concepts == "embed" and cfg.execution == "inference":
         raise ConfigError("visual_concepts: embed runs with execution: eager or to_static; the "
-                          "exported towers (execution: inference, ernievil2-export) take no tags")
+                          "exported towers (execution: inference, tools/export_model.py) take no tags")
     if cfg.execution == "inference":
         from .export import predictor_towers  # export imports this module
         _, transform = create_transforms(cfg)
