@@ -415,7 +415,7 @@ def tables(res):
                 if name == "ivf" else
                 f"HNSW{r['m']},Flat (efConstruction {r['ef_construction']}) on {r['n']:,} vectors: "
                 f"build {r['build_s']:.1f} s")
-        rows = [[f"exact (flat)", "1.0000", *lat_cells(e)]] + [
+        rows = [["exact (flat)", "1.0000", *lat_cells(e)]] + [
             [f"{param} {s['param']}", f"{s['recall_at_10']:.4f}", *lat_cells(s)] for s in r["sweep"]]
         parts.append(
             f"{label}. {head}; index {r['index_mb']:,.0f} MB (exact: {e['index_mb']:,.0f} MB, "

@@ -52,22 +52,25 @@ def grads(m):
     return {k: p.grad.numpy() for k, p in m.named_parameters() if p.grad is not None}
 
 
-def reference(seed=SEED):
-    m, loss = model_and_loss()
-    b = batch()
-    halves = [encode(m, b, (r * N // 2, (r + 1) * N // 2), seed + r) for r in range(2)]
+def replay(setup, seed):
+    """One process on the whole batch, each half encoded from the random state of its rank.
+    setup: a worker module (model_and_loss, batch, encode)."""
+    m, loss = setup.model_and_loss()
+    b = setup.batch()
+    halves = [setup.encode(m, b, (r * N // 2, (r + 1) * N // 2), seed + r) for r in range(2)]
     feats = {v: paddle.concat([h[v] for h in halves]) for v in halves[0]}
     total, _ = loss(feats, rank=0, world_size=1)
     total.backward()
     return float(total), grads(m)
 
 
-def main(out):
+def run(setup, out):
+    """This rank's half, contrasted against both halves; averaged gradients saved by rank 0."""
     rank, world = init_distributed()
     assert world == 2
-    m, loss = model_and_loss()
-    b = batch()
-    feats = encode(m, b, (rank * N // 2, (rank + 1) * N // 2), SEED + rank)
+    m, loss = setup.model_and_loss()
+    b = setup.batch()
+    feats = setup.encode(m, b, (rank * N // 2, (rank + 1) * N // 2), setup.SEED + rank)
     total, _ = loss(feats)
     total.backward()
     params = [p for p in m.parameters() if p.grad is not None]
@@ -76,5 +79,9 @@ def main(out):
         np.savez(out, loss=float(total), **grads(m))
 
 
+def reference(seed=SEED):
+    return replay(sys.modules[__name__], seed)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(sys.modules[__name__], sys.argv[1])

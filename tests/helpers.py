@@ -61,3 +61,22 @@ def tiny_config(tmp_path, **over):
     }
     cfg.update(over)
     return cfg
+
+
+def launch_worker(tmp_path, worker, *args, out):
+    """`python -m paddle.distributed.launch --nproc_per_node 2 tests/WORKER ARGS... OUT`, then the
+    arrays rank 0 saved in OUT (a .npz); the workers' logs in the failure message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                           "2", "--log_dir", str(tmp_path / "log"), str(root / "tests" / worker),
+                           *map(str, args), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    if proc.returncode != 0 or not Path(out).exists():
+        logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "log").glob("workerlog.*"))
+        pytest.fail(f"launch failed: {proc.stderr[-2000:]}\n{logs}")
+    return dict(np.load(out))

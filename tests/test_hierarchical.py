@@ -2,22 +2,18 @@
 features of the K-1 layers below the top of both towers, through training-only heads."""
 import json
 import subprocess
-import sys
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 import pytest
-import yaml
 
 import _hierarchical_dist_worker as W
-from conftest import ROOT
 from ernievil2.factory import build_dual_encoder
 from ernievil2.losses import MultiViewContrastiveLoss
 from ernievil2.models.efficientnet import EfficientNet
 from ernievil2.train.feature_cache import LevelTower
 from ernievil2.train.gradcache import gradcache_step
-from helpers import TINY_ERNIE, TINY_VIT
+from helpers import TINY_ERNIE, TINY_VIT, launch_worker
 from test_train_resume import cmd, train_config
 
 PAIRS = [("image", "text", 1.0), ("image_h1", "text_h1", 0.5)]
@@ -92,14 +88,7 @@ def test_level_heads_are_training_only():
 @pytest.mark.slow
 def test_two_processes_give_the_whole_batch_gradients(tmp_path):
     out = tmp_path / "grads.npz"
-    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-                           "2", "--log_dir", str(tmp_path / "log"),
-                           str(ROOT / "tests" / "_hierarchical_dist_worker.py"), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if proc.returncode != 0 or not out.exists():
-        logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "log").glob("workerlog.*"))
-        pytest.fail(f"launch failed: {proc.stderr[-2000:]}\n{logs}")
-    got = dict(np.load(out))
+    got = launch_worker(tmp_path, "_hierarchical_dist_worker.py", out=out)
     _, ref = W.reference()
     assert {"train_heads.image_h1_proj.weight", "train_heads.text_h1_proj.weight",
             "train_heads.temperature_image_h1__text_h1"} <= set(ref) <= set(got)

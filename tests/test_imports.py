@@ -2,7 +2,6 @@
 commands (engine, training, cli, launcher, evaluation), not even inside a function, and no two
 modules import each other at module level."""
 import ast
-from pathlib import Path
 
 import pytest
 

@@ -24,7 +24,6 @@ from ernievil2.data.tsv import read_column
 from ernievil2.embeddings import read_embeddings, sidecar_path
 from ernievil2.models.efficientnet import build_efficientnet
 from ernievil2.models.lite0_timm import classifier_from_checkpoint, tower_checkpoint
-from ernievil2.pretrained import REGISTRY, cache_path
 from ernievil2.tags import classifier_transform, top_k_names
 from ernievil2.tokenizer import VocabError, build_vocab, load_vocab
 from ernievil2.train import prepare as prep

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import GOLDEN, ROOT, SHARED, need_shared
+from conftest import GOLDEN, ROOT, need_shared
 from ernievil2.cli import load_infer_config as load_config
 from ernievil2.engine.infer import run
 from ernievil2.embeddings import read_embeddings

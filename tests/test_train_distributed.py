@@ -1,27 +1,17 @@
 """Negatives from every rank, with gradient: 2 CPU processes == 1 process on the whole batch,
 on the real towers with dropout on in the text tower (its randomness replayed per half)."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import _dist_train_worker as W
-from conftest import ROOT
+from helpers import launch_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_processes_give_the_whole_batch_gradients(tmp_path):
     out = tmp_path / "grads.npz"
-    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-                           "2", "--log_dir", str(tmp_path / "log"),
-                           str(ROOT / "tests" / "_dist_train_worker.py"), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if proc.returncode != 0 or not out.exists():
-        logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "log").glob("workerlog.*"))
-        pytest.fail(f"launch failed: {proc.stderr[-2000:]}\n{logs}")
-    got = dict(np.load(out))
+    got = launch_worker(tmp_path, "_dist_train_worker.py", out=out)
     _, ref = W.reference()
     assert set(ref) <= set(got)
     worst = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)

@@ -20,7 +20,7 @@ from ernievil2.tokenizer import ErnieTokenizer
 from ernievil2.train.data import (LabelPrompts, MixedSampler, MultiViewBatcher, TrainIndex,
                                   TrainSources, label_prompts, sources_of)
 from ernievil2.transforms import make_eval_transform, make_train_transform
-from helpers import tiny_config
+from helpers import launch_worker, tiny_config
 
 
 def sources(tmp_path, unicl_key="image_id"):
@@ -237,14 +237,7 @@ def test_a_mixed_run_trains_and_two_processes_give_the_gradients_of_one(tmp_path
     import _dist_unicl_worker as W
     mixed_files(tmp_path)
     out = tmp_path / "grads.npz"
-    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-                           "2", "--log_dir", str(tmp_path / "log"),
-                           str(ROOT / "tests" / "_dist_unicl_worker.py"), str(tmp_path), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if proc.returncode != 0 or not out.exists():
-        logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "log").glob("workerlog.*"))
-        pytest.fail(f"launch failed: {proc.stderr[-2000:]}\n{logs}")
-    got = dict(np.load(out))
+    got = launch_worker(tmp_path, "_dist_unicl_worker.py", tmp_path, out=out)
     batch, ref = W.reference(tmp_path)
     # the batch is a real mix: label rows sharing a class, captions sharing an image
     ids = batch["ids"].tolist()

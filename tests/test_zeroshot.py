@@ -19,7 +19,7 @@ from ernievil2.tokenizer import build_vocab, write_vocab
 from ernievil2.zeroshot import (TEMPLATES, LabelResolver, LabelledBatch, class_embeddings, classify,
                                 load_classes, load_templates, summarize)
 from ernievil2.zeroshot_cli import run as zeroshot_run
-from helpers import TINY_ERNIE, TINY_VIT, tiny_config, write_json
+from helpers import TINY_VIT, tiny_config, write_json
 
 sys.path.insert(0, str(ROOT / "tools"))
 from make_demo_data import COLOURS, SHAPES, draw  # noqa: E402
