@@ -10,7 +10,7 @@ import paddle
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, need_shared
 from ernievil2.data.pipeline import BatchLoader
 from ernievil2.embed import build_towers, embed
 from ernievil2.factory import as_config, build_dual_encoder
@@ -19,7 +19,6 @@ from ernievil2.transforms import decode_image
 from helpers import TINY_ERNIE, TINY_VIT, make_image, tiny_config, tsv_line
 from test_train_resume import cmd, train_config
 
-LITE0_NPZ = ROOT.parent / "shared" / "data" / "efficientnet_lite0" / "efficientnet_lite0_imagenet.npz"
 TINY_EFFNET = {"type": "efficientnet", "name": "lite0", "image_size": 32}
 
 
@@ -114,13 +113,22 @@ def test_inference_tags_come_from_the_image_never_from_the_caption(tmp_path):
     np.testing.assert_array_equal(base, _embed(infer_yaml, _images(tmp_path, "b.tsv", leak, tags)))
     other = _embed(infer_yaml, _images(tmp_path, "c.tsv", captions, tags[::-1]))
     assert np.abs(base - other).max() > 1e-5
-    # no 4th column: the Lite0 classifier tags the image itself; the same as the file tagged by
-    # tools/extract_tags.py's function with that classifier, whatever the captions say
-    over = {"tag_classifier": str(LITE0_NPZ)}
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_without_a_4th_column_the_classifier_tags_the_image_itself(tmp_path):
+    """The same as the file tagged by tools/extract_tags.py's function with that classifier,
+    whatever the captions say."""
+    lite0 = need_shared("data", "efficientnet_lite0", "efficientnet_lite0_imagenet.npz")
+    infer_yaml = _trained_model(tmp_path)
+    captions = ["红色的圆形", "绿色的方块", "蓝色的三角", "黄色的圆形"]
+    leak = ["红色", "绿色", "蓝色", "黄色"]  # captions that ARE tag words
+    over = {"tag_classifier": str(lite0)}
     untagged = _embed(infer_yaml, _images(tmp_path, "d.tsv", captions), **over)
     tagged_path = str(tmp_path / "d_tags.tsv")
     extract_tags(_images(tmp_path, "d.tsv", captions), tagged_path,
-                 concept_tagger(str(LITE0_NPZ)), progress=False)
+                 concept_tagger(str(lite0)), progress=False)
     np.testing.assert_array_equal(untagged, _embed(infer_yaml, tagged_path))
     np.testing.assert_array_equal(
         untagged, _embed(infer_yaml, _images(tmp_path, "e.tsv", leak), **over))
@@ -129,16 +137,16 @@ def test_inference_tags_come_from_the_image_never_from_the_caption(tmp_path):
 @pytest.mark.slow
 def test_run_infer_on_the_final_model_and_the_exported_path(tmp_path):
     infer_yaml = _trained_model(tmp_path)
-    test_file = _images(tmp_path, "t.tsv", ["红色的圆形", "绿色的方块"])
+    test_file = _images(tmp_path, "t.tsv", ["红色的圆形", "绿色的方块"], ["红色 圆形", "绿色"])
     out = tmp_path / "emb.out"
     r = subprocess.run(["bash", str(ROOT / "run_infer.sh"), "0", str(infer_yaml),
-                        f"test_file={test_file}", f"output_file={out}",
-                        f"tag_classifier={LITE0_NPZ}"], capture_output=True, text=True, timeout=600)
+                        f"test_file={test_file}", f"output_file={out}"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
     r = subprocess.run(["bash", str(ROOT / "run_infer.sh"), "0", str(infer_yaml),
-                        f"test_file={test_file}", f"output_file={out}", "execution=inference",
-                        f"tag_classifier={LITE0_NPZ}"], capture_output=True, text=True, timeout=600)
+                        f"test_file={test_file}", f"output_file={out}", "execution=inference"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "visual_concepts: embed runs with execution: eager or to_static" in r.stderr
     assert "Traceback" not in r.stderr
